@@ -1,0 +1,45 @@
+"""The optimizer family: the Emo optimizers, RefAdamW-mini-SF, AutoTrustGO and the EmoPulse scheduler.
+
+    OPTIMIZERS       upstream class name -> class (exactly the 13 upstream optimizers)
+    OPTIMIZER_INFO   name -> OptimizerInfo (family, description, version, recommended LR, state, signals)
+    create_optimizer(name, params, **kwargs)   also "AdamW" (torch) as the baseline
+    takes_loss(opt)  whether opt.step accepts loss=
+"""
+
+from ._info import OPTIMIZER_INFO, OptimizerInfo
+from .emoairy import EmoAiry
+from .emocats import EmoCats
+from .emofact import EmoFact
+from .emolynx import EmoLynx
+from .emonavi import EmoNavi
+from .emosens import EmoSens
+from .emotion import EmoTion
+from .emovoid import EmoVoid
+
+OPTIMIZERS = {cls.__name__: cls for cls in (
+    EmoNavi, EmoFact, EmoLynx, EmoSens, EmoAiry, EmoCats, EmoTion, EmoVoid,
+)}
+
+__all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "create_optimizer", "takes_loss", *OPTIMIZERS]
+
+
+def create_optimizer(name: str, params, **kwargs):
+    """Build an optimizer by registry name (or "AdamW" for torch's) with upstream keyword arguments."""
+    if name == "AdamW":
+        import torch
+
+        return torch.optim.AdamW(params, **kwargs)
+    try:
+        cls = OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: AdamW, {', '.join(OPTIMIZERS)}") from None
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    return cls(params, **kwargs)
+
+
+def takes_loss(opt) -> bool:
+    """True for our optimizers: their step() wants the real loss as loss=."""
+    from ._base import EmoOptimizer
+
+    return isinstance(opt, EmoOptimizer)

@@ -1,0 +1,174 @@
+"""What every optimizer of the family shares: loss delivery, rule execution, state, telemetry, writer.
+
+Subclasses implement `_step(loss)` (the upstream step with the loss already a python float) and, when they
+keep scalar state outside `self.state[p]`, `_extra_state()` / `_load_extra_state()`.
+"""
+
+import logging
+import math
+
+import torch
+
+from ._tensors import TensorList, as_compute, default_foreach, write_back
+
+log = logging.getLogger("emolora.optim")
+
+
+class EmoOptimizer(torch.optim.Optimizer):
+    needs_loss = True  # False where the loss never enters the update (AutoTrustGO)
+    writer_tags: dict = {}  # upstream TensorBoard tag -> telemetry key
+
+    def __init__(self, params, defaults, *, foreach=None, state_dtype=None, writer=None):
+        super().__init__(params, defaults)
+        self.foreach = foreach  # None: per tensor on the CPU, foreach on CUDA
+        self.state_dtype = state_dtype  # None: float32 state for bf16/fp16 params; "param": parameter dtype
+        self.writer = writer
+        self.should_stop = False
+        self.skipped_nonfinite = 0
+        self._warned = set()
+        self._signals: dict = {}
+        self._pending = None  # (names, stacked tensor) of device-side signals, read lazily
+
+    # ---- loss delivery -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None, *, loss=None):
+        """One update. The loss comes from `closure()` (run with grad enabled) or `loss=` (float or 0-dim)."""
+        result = None
+        if closure is not None:
+            with torch.enable_grad():
+                result = closure()
+            loss = result
+        value = self._loss_value(loss)
+        if value is None:
+            return result
+        self._step(value)
+        if self.writer is not None:
+            self._write()
+        return result
+
+    def _loss_value(self, loss):
+        if loss is None:
+            if self.needs_loss:
+                self._warn_once("no-loss", "%s.step() got no loss: it feels nothing and behaves as upstream "
+                                "does with loss 0. Pass step(loss=...) or a closure.", type(self).__name__)
+            return 0.0
+        value = float(loss)  # the one host sync of a step, when the loss is still a tensor
+        if not math.isfinite(value):
+            self.skipped_nonfinite += 1
+            self._warn_once("nonfinite", "%s: non-finite loss %r, step skipped (counted in skipped_nonfinite)",
+                            type(self).__name__, value)
+            return None
+        return value
+
+    def _warn_once(self, key, msg, *args):
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    def _step(self, loss: float) -> None:
+        raise NotImplementedError
+
+    # ---- rule execution --------------------------------------------------------------------------------
+    def _with_grad(self, group):
+        """(param, grad, state) for the group's params that have a gradient, states created on first use."""
+        out = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            st = self.state[p]
+            if not st:
+                self._init_state(p, st, group)
+            out.append((p, p.grad, st))
+        return out
+
+    def _init_state(self, p, state, group) -> None:
+        pass
+
+    def _zeros(self, p, shape=None):
+        """A state tensor: float32 for low-precision params unless state_dtype='param' (Part 1, decision 6)."""
+        dtype = p.dtype
+        if self.state_dtype != "param" and p.dtype in (torch.bfloat16, torch.float16):
+            dtype = torch.float32
+        return torch.zeros(p.shape if shape is None else shape, dtype=dtype, device=p.device)
+
+    def _apply(self, rule, items, keys, *, per_tensor=False, **scalars):
+        """Run `rule(p, g, state, **scalars)` over items, per tensor or as one foreach call.
+
+        per_tensor=True forces the loop, for rules with per-tensor reductions that have no foreach form.
+        """
+        if not items:
+            return
+        params = [p for p, _, _ in items]
+        work, grads = as_compute(params, [g for _, g, _ in items], self._compute_dtype(params[0]))
+        use_foreach = not per_tensor and (self.foreach if self.foreach is not None else default_foreach(params))
+        if use_foreach:
+            states = {k: TensorList(st[k] for _, _, st in items) for k in keys}
+            rule(TensorList(work), TensorList(grads), states, **scalars)
+        else:
+            for w, g, (_, _, st) in zip(work, grads, items):
+                rule(w, g, st, **scalars)
+        write_back(params, work)
+
+    def _compute_dtype(self, p):
+        if self.state_dtype != "param" and p.dtype in (torch.bfloat16, torch.float16):
+            return torch.float32
+        return p.dtype
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["emo"] = {"should_stop": self.should_stop, "skipped_nonfinite": self.skipped_nonfinite,
+                     **self._extra_state()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("emo", None) or {}
+        saved = state_dict.get("state", {})
+        super().load_state_dict(state_dict)
+        # torch casts float state to the parameter dtype on load; keep our float32 state for bf16 params.
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, st in saved.items():
+            p = params[idx]
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dtype != self.state[p][k].dtype:
+                    self.state[p][k] = v.to(device=p.device, copy=True)
+        self.should_stop = extra.get("should_stop", False)
+        self.skipped_nonfinite = extra.get("skipped_nonfinite", 0)
+        self._load_extra_state(extra)
+
+    # ---- telemetry -------------------------------------------------------------------------------------
+    def _publish(self, signals: dict, device_signals: dict | None = None):
+        """Host-side signals now; device-side ones stacked and transferred once, when telemetry is read."""
+        self._signals = dict(signals)
+        self._signals["should_stop"] = bool(self.should_stop)
+        if device_signals:
+            names = list(device_signals)
+            self._pending = (names, torch.stack([t.detach().float().reshape(()) for t in device_signals.values()]))
+        else:
+            self._pending = None
+
+    @property
+    def telemetry(self) -> dict:
+        """The signals of the last step as python floats/bools (optimizers.md Part 2, sections f)."""
+        if self._pending is not None:
+            names, values = self._pending
+            self._signals.update(zip(names, values.tolist()))
+            self._pending = None
+        return dict(self._signals)
+
+    def _write(self):
+        tel = self.telemetry
+        step = self._write_step = getattr(self, "_write_step", 0) + 1
+        tags = self.writer_tags or {f"emo/{k}": k for k in tel}
+        for tag, key in tags.items():
+            if key in tel:
+                self.writer.add_scalar(tag, float(tel[key]), step)
