@@ -7,17 +7,23 @@
 """
 
 from ._info import OPTIMIZER_INFO, OptimizerInfo
+from .autotrustgo import AutoTrustGO
 from .emoairy import EmoAiry
 from .emocats import EmoCats
+from .emoclan import EmoClan
 from .emofact import EmoFact
 from .emolynx import EmoLynx
 from .emonavi import EmoNavi
+from .emoneco import EmoNeco
 from .emosens import EmoSens
 from .emotion import EmoTion
 from .emovoid import EmoVoid
+from .emozeal import EmoZeal
+from .refadamw import RefAdamWminiScheduleFree
 
 OPTIMIZERS = {cls.__name__: cls for cls in (
-    EmoNavi, EmoFact, EmoLynx, EmoSens, EmoAiry, EmoCats, EmoTion, EmoVoid,
+    EmoNavi, EmoFact, EmoLynx, EmoClan, EmoZeal, EmoNeco, EmoSens, EmoAiry, EmoCats, EmoTion, EmoVoid,
+    RefAdamWminiScheduleFree, AutoTrustGO,
 )}
 
 __all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "create_optimizer", "takes_loss", *OPTIMIZERS]

@@ -1,0 +1,79 @@
+"""The v3.0 emotion of EmoZeal and EmoNeco (optimizers.md §5-6, B1/B2/B4/B5).
+
+Each parameter keeps its own 2-EMA of the loss (updated only when it has a gradient), so sigma is
+per parameter (S30: positive means the loss is rising). The stop history gets one sigma per parameter
+per step (ES30, latched), and the optional shadow follows SH30. Parameters whose sigma is equal (all of
+them, unless some missed gradients) are updated together.
+"""
+
+from . import _emotion as emo
+from ._base import EmoOptimizer
+
+
+def sh30_ratio(sigma: float) -> float:
+    """SH30 as the source writes it (it simplifies to |sigma|, but not bit for bit)."""
+    a = abs(sigma)
+    if a > 0.6:
+        return 0.6 + (a - 0.6) / 0.4 * 0.4
+    if a > 0.1:
+        return 0.1 + (a - 0.1) / 0.5 * 0.5
+    return 0.0
+
+
+def softsign(x):
+    return x / (1 + x.abs())
+
+
+class EmoV30(EmoOptimizer):
+    def __init__(self, params, defaults, use_shadow=False, **kw):
+        super().__init__(params, defaults, **kw)
+        self.use_shadow = use_shadow
+        self.hist = emo.new_history()
+
+    def _step(self, loss):
+        sigmas = []
+        for group in self.param_groups:
+            by_sigma = {}
+            for item in self._with_grad(group):
+                p, _, st = item
+                sigma = emo.scalar_s30(emo.update_ema(st.setdefault("ema", {}), loss, medium=False))
+                if self.use_shadow:
+                    self._shadow30(p, st, sh30_ratio(sigma))
+                by_sigma.setdefault(sigma, []).append(item)
+                self.hist.append(sigma)
+                sigmas.append(sigma)
+            for sigma, items in by_sigma.items():
+                self._update(group, items, sigma)
+        quiet, avg_abs, var = emo.history_is_quiet(self.hist)
+        if quiet:
+            self.should_stop = True
+        lr = self.param_groups[0]["lr"]
+        s = sigmas[-1] if sigmas else 0.0
+        self._publish({"loss": loss, "emo_scalar": s, "emo_scalar_min": min(sigmas, default=0.0),
+                       "emo_scalar_max": max(sigmas, default=0.0), "effective_lr": lr * (1 - abs(s)),
+                       "mode": self._mode(s), "shadow_ratio": sh30_ratio(s) if self.use_shadow else 0.0,
+                       "shadow_active": self.use_shadow and sh30_ratio(s) > 0,
+                       "hist_avg_abs": avg_abs, "hist_var": var})
+
+    def _shadow30(self, p, st, ratio):
+        if ratio <= 0:
+            return
+        if "shadow" not in st:
+            st["shadow"] = p.detach().to(self._compute_dtype(p), copy=True)
+            return
+        shadow = st["shadow"]
+        p.copy_(p.to(shadow.dtype).mul_(1 - ratio).add_(shadow, alpha=ratio))
+        shadow.lerp_(p.to(shadow.dtype), 0.05)
+
+    def _mode(self, sigma) -> str:
+        return ""
+
+    def _update(self, group, items, sigma):
+        raise NotImplementedError
+
+    def _extra_state(self):
+        return {"hist": list(self.hist)}
+
+    def _load_extra_state(self, extra):
+        self.hist = emo.new_history()
+        self.hist.extend(extra.get("hist", []))
