@@ -15,6 +15,7 @@ from .emofact import EmoFact
 from .emolynx import EmoLynx
 from .emonavi import EmoNavi
 from .emoneco import EmoNeco
+from .emopulse import EmoPulseScheduler
 from .emosens import EmoSens
 from .emotion import EmoTion
 from .emovoid import EmoVoid
@@ -26,7 +27,8 @@ OPTIMIZERS = {cls.__name__: cls for cls in (
     RefAdamWminiScheduleFree, AutoTrustGO,
 )}
 
-__all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "create_optimizer", "takes_loss", *OPTIMIZERS]
+__all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "EmoPulseScheduler", "create_optimizer", "takes_loss",
+           *OPTIMIZERS]
 
 
 def create_optimizer(name: str, params, **kwargs):

@@ -1,9 +1,10 @@
 """The Adam update without bias correction that EmoNavi and EmoSens share.
 
-Where parameter, gradient and state share a dtype it runs torch's fused AdamW kernel: with its step count
-set so high that beta**step underflows to 0, both bias corrections are exactly 1, and the kernel computes
-precisely m, v, p <- p - lr_wd*wd*p - lr*m/(sqrt(v)+eps). Elsewhere (mixed dtypes, zero LR, no kernel) the
-same rule runs through the generic per-tensor / foreach path.
+The default path reproduces upstream bit for bit. With fused=True, where parameter, gradient and state share a
+dtype, it runs torch's fused AdamW kernel instead: with its step count set so high that beta**step underflows
+to 0, both bias corrections are exactly 1 and the kernel computes the same m, v and update, only with other
+rounding (FMA, weight decay as a product), about 2x faster on the CPU. It is opt-in because those last-bit
+differences, amplified by the emotion's thresholds, drift from upstream by ~1e-5 over a few hundred steps.
 """
 
 import torch
@@ -22,7 +23,7 @@ def adam_rule(p, g, st, lr, lr_wd, b1, b2, eps, wd):
 
 
 def _fusable(opt, items, lr):
-    if not hasattr(torch, "_fused_adamw_") or lr <= 0 or getattr(opt, "fused", None) is False:
+    if not getattr(opt, "fused", False) or not hasattr(torch, "_fused_adamw_") or lr <= 0:
         return False
     p0 = items[0][0]
     if p0.device.type not in ("cpu", "cuda"):

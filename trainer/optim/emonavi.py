@@ -8,9 +8,9 @@ class EmoNavi(EmoV36):
     hist_of_early = True
 
     def __init__(self, params, lr=1e-3, eps=1e-8, betas=(0.9, 0.995), weight_decay=0.01,
-                 use_shadow: bool = False, writer=None, *, fused=None, **kw):
+                 use_shadow: bool = False, writer=None, *, fused=False, **kw):
         super().__init__(params, lr, eps, betas, weight_decay, use_shadow, writer, **kw)
-        self.fused = fused  # None: torch's fused kernel where dtypes allow; False: never
+        self.fused = fused  # True: torch's fused AdamW kernel where dtypes allow (faster, not bit-exact)
 
     def _init_moments(self, p, state):
         state["exp_avg"] = self._zeros(p)

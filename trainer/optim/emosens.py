@@ -5,7 +5,7 @@ from ._v39 import EmoV39
 
 
 class EmoSens(EmoV39):
-    def __init__(self, *args, fused=None, **kw):
+    def __init__(self, *args, fused=False, **kw):
         super().__init__(*args, **kw)
         self.fused = fused
 

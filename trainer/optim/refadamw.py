@@ -1,8 +1,8 @@
 """RefAdamWminiScheduleFree: AdamW without bias correction, a gradient-norm-ratio LR per parameter, and a
 mid-run injection of parameter values into the first moment (optimizers.md §13).
 
-Not Adam-mini and not schedule-free, whatever the name says. The per-parameter norm EMA and auto LR stay
-on the device (upstream syncs once per parameter); parameters that never had a gradient are skipped by the
+Not Adam-mini and not schedule-free, whatever the name says. The gradient norms come back to the host in one
+transfer per step (upstream syncs once per parameter); parameters that never had a gradient are skipped by the
 injection (upstream raises KeyError), and the validation-history scan cannot run off its start (IndexError).
 """
 
@@ -15,20 +15,25 @@ from ._base import EmoOptimizer
 log = logging.getLogger("emolora.optim")
 
 
-def ref_rule(p, g, st, lr, min_lr, max_lr, sf_alpha, eps, wd, b1, b2):
+def ref_rule(p, g, st, auto_lr, eps, wd, b1, b2):
     m, v = st["exp_avg"], st["exp_avg_sq"]
     st["step"] += 1
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    norm = g.norm().double()
-    ema = st.get("grad_norm_ema")
-    st["grad_norm_ema"] = norm if ema is None else (1 - sf_alpha) * ema + sf_alpha * norm
-    auto_lr = (lr * (st["grad_norm_ema"] / (norm + 1e-12))).clamp(max=max_lr).clamp(min=min_lr)
-    st["auto_lr"] = auto_lr
     denom = (v.float().sqrt() + eps).to(p.dtype)
     if wd != 0:
-        p.sub_(p * (wd * auto_lr).to(p.dtype))
-    p.sub_(m.div(denom).mul_(auto_lr.to(p.dtype)))
+        p.add_(p, alpha=-wd * auto_lr)
+    p.addcdiv_(m, denom, value=-auto_lr)
+
+
+def auto_lrs(group, states, norms):
+    """Per-parameter LR: group lr times the gradient-norm EMA over the current norm, clamped (python floats)."""
+    out, a = [], group["schedulefree_alpha"]
+    for st, n in zip(states, norms):
+        ema = st.get("grad_norm_ema")
+        st["grad_norm_ema"] = n if ema is None else (1 - a) * ema + a * n
+        out.append(max(min(group["max_lr"], group["lr"] * (st["grad_norm_ema"] / (n + 1e-12))), group["min_lr"]))
+    return out
 
 
 class RefAdamWminiScheduleFree(EmoOptimizer):
@@ -101,18 +106,22 @@ class RefAdamWminiScheduleFree(EmoOptimizer):
             c["last_loss"] = loss
         c["divergence_steps"] = c["divergence_steps"] + 1 if level else 0
 
-        auto_lrs = []
-        for group in self.param_groups:
-            items = self._with_grad(group)
+        # All gradient norms in one transfer (upstream reads each back separately), then python-float LRs.
+        groups = [(group, self._with_grad(group)) for group in self.param_groups]
+        grads = [g.to(st["exp_avg"].dtype) for _, items in groups for _, g, st in items]
+        norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)]).tolist() if grads else []
+        lrs, k = [], 0
+        for group, items in groups:
+            group_lrs = auto_lrs(group, [st for _, _, st in items], norms[k:k + len(items)])
+            k += len(items)
+            lrs += group_lrs
             b1, b2 = group["betas"]
-            for p, g, st in items:
+            for (p, g, st), lr in zip(items, group_lrs):
                 g = g.to(st["exp_avg"].dtype)
                 work = p if p.dtype == g.dtype or st["exp_avg"].dtype != torch.float32 else p.float()
-                ref_rule(work, g, st, lr=group["lr"], min_lr=group["min_lr"], max_lr=group["max_lr"],
-                         sf_alpha=group["schedulefree_alpha"], eps=group["eps"], wd=group["weight_decay"], b1=b1, b2=b2)
+                ref_rule(work, g, st, auto_lr=lr, eps=group["eps"], wd=group["weight_decay"], b1=b1, b2=b2)
                 if work is not p:
                     p.copy_(work)
-                auto_lrs.append(st["auto_lr"])
 
         ref_alpha, progress = 0.0, None
         if loss is not None:
@@ -130,11 +139,11 @@ class RefAdamWminiScheduleFree(EmoOptimizer):
                         if m is not None:
                             m.mul_(1 - ref_alpha).add_(p.to(m.dtype), alpha=ref_alpha)
 
-        device = {"auto_lr_mean": torch.stack([a.to(auto_lrs[0].device) for a in auto_lrs]).mean()} if auto_lrs else {}
-        self._publish({"loss": loss if loss is not None else float("nan"), "ref_alpha": ref_alpha,
+        self._publish({"auto_lr_mean": sum(lrs) / len(lrs) if lrs else 0.0,
+                       "loss": loss if loss is not None else float("nan"), "ref_alpha": ref_alpha,
                        "ref_inject": ref_alpha > 0, "progress": -1.0 if progress is None else progress,
                        "divergence_level": level, "divergence_steps": c["divergence_steps"],
-                       "skip_ema": c["skip_ema"], "overfit": overfit}, device)
+                       "skip_ema": c["skip_ema"], "overfit": overfit})
 
     def _extra_state(self):
         return {"counters": {**self.counters, "val_history": list(self.counters["val_history"])}}
