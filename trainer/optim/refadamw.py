@@ -3,7 +3,8 @@ mid-run injection of parameter values into the first moment (optimizers.md §13)
 
 Not Adam-mini and not schedule-free, whatever the name says. The gradient norms come back to the host in one
 transfer per step (upstream syncs once per parameter); parameters that never had a gradient are skipped by the
-injection (upstream raises KeyError), and the validation-history scan cannot run off its start (IndexError).
+injection (upstream raises KeyError), as are elements whose second moment is still 0 (upstream steps them by
+~p/eps, which diverges), and the validation-history scan cannot run off its start (IndexError).
 """
 
 import logging
@@ -135,9 +136,11 @@ class RefAdamWminiScheduleFree(EmoOptimizer):
                 log.debug("ref inject: step=%d ref_alpha=%s skip=%s div=%d", c["step"], ref_alpha, c["skip_ema"], level)
                 for group in self.param_groups:
                     for p in group["params"]:
-                        m = self.state[p].get("exp_avg") if p in self.state else None
-                        if m is not None:
-                            m.mul_(1 - ref_alpha).add_(p.to(m.dtype), alpha=ref_alpha)
+                        st = self.state[p] if p in self.state else {}
+                        if "exp_avg" in st:
+                            m = st["exp_avg"].mul_(1 - ref_alpha).add_(p.to(st["exp_avg"].dtype), alpha=ref_alpha)
+                            # Elements that never had a gradient (v == 0) would step by ~p/eps: keep their m at 0.
+                            m.masked_fill_(st["exp_avg_sq"] == 0, 0.0)
 
         self._publish({"auto_lr_mean": sum(lrs) / len(lrs) if lrs else 0.0,
                        "loss": loss if loss is not None else float("nan"), "ref_alpha": ref_alpha,

@@ -1,0 +1,17 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(ROOT), "shared")
+GOLDEN = os.path.join(SHARED, "golden")
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+    if not os.path.isdir(os.path.join(GOLDEN, "public")):
+        pytest.skip(f"the golden trajectories are not at {GOLDEN} (they ship beside the project, in ../shared)")
+    if GOLDEN not in sys.path:
+        sys.path.insert(0, GOLDEN)
+    return GOLDEN
