@@ -1,0 +1,298 @@
+"""Loading SDXL-family checkpoints offline: tiny single file, diffusers folder, rejections, tokenizers."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer.model import (
+    ModelError,
+    build_tiny_sdxl,
+    clip_tokenizers,
+    encode_latents,
+    encode_prompts,
+    load_sdxl,
+    loader,
+    tiny_model_path,
+)
+from trainer.model.tiny import TINY_MERGES, build_vega_layout, tiny_configs
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are all per-op overhead: on a shared 2-core box extra intra-op threads only spin
+    (measured 0.1 s vs 1-10 s per training step under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    return tiny_model_path()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
+    return load_sdxl(tiny_path)
+
+
+def copy_without_tokenizer(src, folder, extra=None):
+    """The tiny checkpoint (optionally with extra tensors) in a folder with no tokenizer beside it."""
+    dst = os.path.join(folder, "model.safetensors")
+    if extra:
+        sd = load_file(src)
+        sd.update(extra)
+        save_file(sd, dst)
+    else:
+        shutil.copy(src, dst)
+    return dst
+
+
+def test_tiny_is_small_deterministic_and_cached(tiny_path, tmp_path):
+    assert os.path.getsize(tiny_path) < 20e6
+    assert os.path.isdir(clip_tokenizers.sidecar_dir(tiny_path))
+    a, b = build_tiny_sdxl(tmp_path / "a.safetensors"), build_tiny_sdxl(tmp_path / "b.safetensors")
+    digest = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (a, b, tiny_path)]
+    assert digest[0] == digest[1] == digest[2]
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+    assert tiny_model_path() == tiny_path
+
+
+def test_tiny_cache_root_env(tmp_path, monkeypatch, tiny_path):
+    monkeypatch.setenv("EMOLORA_CACHE", str(tmp_path))
+    path = tiny_model_path()
+    assert path.startswith(str(tmp_path)) and os.path.isfile(path)
+    assert os.path.isdir(os.path.join(tmp_path, "models", "tiny-sdxl-v1_tokenizer", "tokenizer_2"))
+
+
+def test_tiny_loads_with_the_config_it_was_built_with(tiny, tiny_path):
+    vocab = len(tiny.tokenizer1)
+    built = tiny_configs(vocab)
+    for key, value in built["unet"].items():
+        assert tiny.unet.config[key] == value, key
+    for key, value in built["vae"].items():
+        assert tiny.vae.config[key] == value, key
+    for te, cfg in ((tiny.te1, built["te1"]), (tiny.te2, built["te2"])):
+        for key, value in cfg.items():
+            assert getattr(te.config, key) == value, key
+    assert tiny.arch == "tiny-sdxl" and tiny.prediction_type == "epsilon" and not tiny.zero_terminal_snr
+    assert tiny.vae.dtype == torch.float32 and tiny.unet.dtype == torch.float32
+    assert not any(p.requires_grad for p in tiny.unet.parameters()) and not tiny.unet.training
+    assert tiny.tokenizer_source[0].endswith(os.path.join("tiny-sdxl-v1_tokenizer", "tokenizer"))
+    assert tiny.model_hash == hashlib.sha256(open(tiny_path, "rb").read()).hexdigest()
+    with open(tiny_path, "rb") as f:
+        f.seek(0x100000)
+        assert tiny.legacy_hash == hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+    # fp16 on disk, fp32 in memory: the weights are exactly the stored ones.
+    raw = load_file(tiny_path)
+    q = tiny.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight
+    assert torch.equal(q, raw["model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"].float())
+
+
+def test_weights_match_diffusers_single_file_converters(tiny, tiny_path):
+    """Independent check of every converted tensor against diffusers' own LDM converters."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    raw = {k: v.float() for k, v in load_file(tiny_path).items()}
+    ours = tiny.unet.state_dict()
+    theirs = convert_ldm_unet_checkpoint(raw, dict(tiny.unet.config))
+    assert set(theirs) == set(ours)
+    assert all(torch.equal(theirs[k], ours[k]) for k in ours)
+    ours = tiny.vae.state_dict()
+    theirs = convert_ldm_vae_checkpoint(raw, dict(tiny.vae.config))
+    assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
+    ours = tiny.te2.state_dict()
+    theirs = convert_open_clip_checkpoint(tiny.te2, raw, prefix="conditioner.embedders.1.model.")
+    assert set(theirs) == {k for k in ours if not k.endswith("position_ids")}
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_encode_prompts_and_latents(tiny):
+    captions = ["a photo of the cat", ""]
+    embeds, pooled = encode_prompts(tiny, captions)
+    assert embeds.shape == (2, 77, 32 + 48) and pooled.shape == (2, 40)
+    assert not embeds.requires_grad
+    ids1 = tiny.tokenizer1(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids2 = tiny.tokenizer2(captions, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    eos = tiny.tokenizer1.eos_token_id
+    assert ids1[1, 2:].eq(eos).all() and ids2[1, 2:].eq(0).all()  # CLIP-L pads with EOS, bigG with "!" (id 0)
+    assert tiny.tokenizer2.convert_ids_to_tokens(0) == "!"
+    with torch.no_grad():
+        h1 = tiny.te1(ids1, output_hidden_states=True).hidden_states[-2]
+        out2 = tiny.te2(ids2, output_hidden_states=True)
+    assert torch.equal(embeds, torch.cat([h1, out2.hidden_states[-2]], -1))
+    assert torch.equal(pooled, out2.text_embeds)
+    # pooled = projection of the (final-normed) last hidden state at the first EOS token
+    eos_pos = ids2[0].tolist().index(eos)
+    manual = tiny.te2.text_projection(out2.last_hidden_state)[0, eos_pos]
+    assert torch.allclose(pooled[0], manual, atol=1e-6)
+
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    lat = encode_latents(tiny, images, generator=torch.Generator().manual_seed(0))
+    assert lat.shape == (2, 4, 8, 8) and lat.dtype == torch.float32
+    assert torch.equal(lat, encode_latents(tiny, images, generator=torch.Generator().manual_seed(0)))
+    mode = encode_latents(tiny, images, sample=False)
+    with torch.no_grad():
+        expect = tiny.vae.encode(images).latent_dist.mode() * 0.13025
+    assert torch.allclose(mode, expect)
+    with pytest.raises(ValueError):
+        encode_latents(tiny, torch.zeros(1, 4, 64, 64))
+
+
+def test_diffusers_folder_loads_the_same_model(tiny, tmp_path):
+    from diffusers import EulerDiscreteScheduler
+
+    folder = tmp_path / "pipe"
+    for sub, net in (("unet", tiny.unet), ("text_encoder", tiny.te1), ("text_encoder_2", tiny.te2), ("vae", tiny.vae)):
+        net.save_pretrained(folder / sub)
+    tiny.tokenizer1.save_pretrained(folder / "tokenizer")
+    tiny.tokenizer2.save_pretrained(folder / "tokenizer_2")
+    sched = {k: v for k, v in tiny.scheduler_config.items() if k != "clip_sample"}
+    EulerDiscreteScheduler(**dict(sched, prediction_type="v_prediction")).save_pretrained(folder / "scheduler")
+    model = load_sdxl(folder)
+    assert model.arch == "tiny-sdxl" and model.prediction_type == "v_prediction"
+    assert model.tokenizer_source == (str(folder / "tokenizer"), str(folder / "tokenizer_2"))
+    assert dict(model.unet.config)["transformer_layers_per_block"] == tiny.unet.config.transformer_layers_per_block
+    a, pa = encode_prompts(tiny, ["the cat"])
+    b, pb = encode_prompts(model, ["the cat"])
+    assert torch.equal(a, b) and torch.equal(pa, pb)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    cond = {"text_embeds": pa, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        assert torch.equal(
+            tiny.unet(x, t, a, added_cond_kwargs=cond).sample, model.unet(x, t, b, added_cond_kwargs=cond).sample
+        )
+    assert len(model.model_hash) == 64
+
+
+def test_folder_without_text_encoder_2_is_rejected(tmp_path, tiny):
+    folder = tmp_path / "sd15"
+    tiny.te1.save_pretrained(folder / "text_encoder")
+    for sub in ("unet", "vae"):
+        (folder / sub).mkdir()
+        (folder / sub / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="no text_encoder_2"):
+        load_sdxl(folder)
+
+
+def _fake(path, tensors):
+    save_file({k: torch.zeros(shape, dtype=torch.float16) for k, shape in tensors.items()}, str(path))
+    return str(path)
+
+
+UNET_K = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+
+
+@pytest.mark.parametrize(
+    "kind, tensors, found",
+    [
+        ("sd15", {UNET_K: (8, 768), "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,)},
+         "SD1.x layout .*context 768"),
+        ("sd2", {UNET_K: (8, 1024), "cond_stage_model.model.ln_final.weight": (1024,)}, "SD2.x layout .*context 1024"),
+        ("flux", {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": (8, 4),
+                  "model.diffusion_model.img_in.weight": (8, 4)}, "Flux"),
+        ("flux_bare", {"double_blocks.0.img_attn.qkv.weight": (8, 4), "img_in.weight": (8, 4)}, "Flux"),
+        ("refiner", {UNET_K: (8, 1280), "conditioner.embedders.0.model.ln_final.weight": (1280,)}, "refiner"),
+        ("lora", {"lora_unet_input_blocks_4_1_proj_in.lora_down.weight": (4, 8)}, "LoRA"),
+        ("vae_only", {"first_stage_model.encoder.conv_in.weight": (8, 3, 3, 3)}, "no UNet weights"),
+    ],
+)  # fmt: skip
+def test_non_sdxl_checkpoints_are_rejected_before_loading(tmp_path, monkeypatch, kind, tensors, found):
+    path = _fake(tmp_path / f"{kind}_model.safetensors", tensors)
+
+    def boom(*a, **k):
+        raise AssertionError("tensors were read before the family check")
+
+    monkeypatch.setattr(loader, "_read_components", boom)
+    with pytest.raises(ModelError, match=f"{kind}_model.safetensors") as err:
+        load_sdxl(path)
+    assert "not an SDXL-family checkpoint" in str(err.value)
+    assert re.search(found, str(err.value)), str(err.value)
+
+
+def test_missing_corrupt_and_wrong_type_files(tmp_path, tiny_path):
+    with pytest.raises(ModelError, match="not found: .*nope.safetensors"):
+        load_sdxl(tmp_path / "nope.safetensors")
+    bad = tmp_path / "garbage.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(ModelError, match="garbage.safetensors"):
+        load_sdxl(bad)
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(open(tiny_path, "rb").read()[:2_000_000])
+    with pytest.raises(ModelError, match="cut.safetensors"):
+        load_sdxl(truncated)
+    ckpt = tmp_path / "old.ckpt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(ModelError, match="old.ckpt"):
+        load_sdxl(ckpt)
+
+
+def test_v_pred_and_ztsnr_keys_are_detected(tmp_path, tiny_path):
+    path = copy_without_tokenizer(tiny_path, tmp_path, {"v_pred": torch.tensor([]), "ztsnr": torch.tensor([])})
+    model = load_sdxl(path, tokenizer_dir=clip_tokenizers.sidecar_dir(tiny_path))
+    assert model.prediction_type == "v_prediction" and model.zero_terminal_snr
+    assert model.scheduler_config["prediction_type"] == "v_prediction"
+    assert model.scheduler_config["rescale_betas_zero_snr"] is True
+
+
+def test_tokenizer_resolution(tmp_path, tiny_path, monkeypatch):
+    monkeypatch.setattr(clip_tokenizers, "comfy_tokenizer_dir", lambda: None)
+    path = copy_without_tokenizer(tiny_path, tmp_path)
+    with pytest.raises(ModelError, match="--tokenizer DIR"):
+        load_sdxl(path)
+    with pytest.raises(ModelError, match="neither tokenizer/"):
+        load_sdxl(path, tokenizer_dir=tmp_path)
+    # one plain CLIP vocab folder serves both encoders; bigG still pads with "!"
+    single = os.path.join(clip_tokenizers.sidecar_dir(tiny_path), "tokenizer")
+    model = load_sdxl(path, tokenizer_dir=single)
+    assert model.tokenizer_source == (single, single)
+    assert model.tokenizer2.pad_token_id == 0 and model.tokenizer1.pad_token == "<|endoftext|>"
+    # a vocabulary larger than the text encoders' embeddings is refused up front
+    big = tmp_path / "big"
+    clip_tokenizers.write_bpe(str(big), TINY_MERGES + [f"{a} {b}" for a in "xyz" for b in "xyzw"])
+    with pytest.raises(ModelError, match="tokenizer has .* tokens"):
+        load_sdxl(path, tokenizer_dir=big)
+
+
+def test_comfyui_bundled_tokenizer_is_found_without_importing_comfy(tmp_path, tiny_path, monkeypatch):
+    pkg = tmp_path / "site" / "comfy"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('comfy must not be imported')\n")
+    shutil.copytree(os.path.join(clip_tokenizers.sidecar_dir(tiny_path), "tokenizer"), pkg / "sd1_tokenizer")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    path = copy_without_tokenizer(tiny_path, tmp_path)
+    model = load_sdxl(path)
+    assert model.tokenizer_source[0] == str(pkg / "sd1_tokenizer") == model.tokenizer_source[1]
+    assert model.tokenizer2.pad_token_id == 0
+    assert "comfy" not in sys.modules
+
+
+def test_sdxl_scheduler_defaults(tiny):
+    cfg = tiny.scheduler_config
+    assert (cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], cfg["num_train_timesteps"]) == (
+        0.00085, 0.012, "scaled_linear", 1000
+    )  # fmt: skip
+    json.dumps(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("EMOLORA_SLOW_TESTS"), reason="builds a 3.3 GB checkpoint; set EMOLORA_SLOW_TESTS=1"
+)
+def test_vega_layout_builds_and_loads(tmp_path):
+    path = build_vega_layout(tmp_path / "vega.safetensors")
+    model = load_sdxl(path, dtype=torch.float16)
+    assert model.arch == "vega"
+    assert model.unet.config.cross_attention_dim == 2048 and model.te2.config.num_hidden_layers == 32

@@ -1,0 +1,257 @@
+"""Command line: `python -m trainer train|demo|presets|runs`.
+
+Bad input (a missing file, a non-SDXL checkpoint, an unusable option value) prints one line,
+"error: <message>", to stderr and exits with status 2; EMOLORA_DEBUG=1 shows the traceback instead.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("emolora")
+
+# Errors that mean "the input is wrong", not "the program is wrong" (ConfigError, DatasetError, ModelError and
+# LoRAError are ValueErrors).
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _parse_set(items) -> dict:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value  # a bare string
+    return out
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="SDXL checkpoint: single .safetensors file or diffusers folder")
+    p.add_argument("--data", help="image folder (captions in same-name .txt/.caption files; N_name repeat folders)")
+    p.add_argument("--output", help="the LoRA to write, FILE.safetensors")
+    p.add_argument("--optimizer", help="EmoNavi (default), EmoFact, ..., AutoTrustGO, AdamW")
+    p.add_argument("--lr", type=float, help="learning rate (EmoSens line: emoScope); default: the optimizer's preset")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--resolution", type=int, help="training resolution (bucket area = resolution²)")
+    p.add_argument("--rank", type=int, help="LoRA rank (network dim)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
+    p.add_argument("--batch-size", type=int, dest="batch_size")
+    p.add_argument("--grad-accum", type=int, dest="grad_accum", help="micro-batches per optimizer step")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--preset", action="append", help="preset name(s) from presets/ (repeat or comma-separate)")
+    p.add_argument("--config", help="a JSON or TOML file of options")
+    p.add_argument("--tokenizer", help="folder with tokenizer/ and tokenizer_2/ (or one CLIP tokenizer for both)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its saved state")
+    p.add_argument("--run-name", dest="run_name")
+    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--save-every", type=int, dest="save_every", help="save the LoRA every N steps")
+    p.add_argument("--sample-every", type=int, dest="sample_every", help="sample images every N steps")
+    p.add_argument("--sample-prompt", action="append", dest="sample_prompts", help="a sample prompt (repeatable)")
+    p.add_argument("--auto-stop", dest="auto_stop", choices=["stop", "mark", "off"],
+                   help="what the optimizer's should_stop does")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other option (value parsed as JSON)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description="Train SDXL LoRAs with the Emo optimizers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a LoRA")
+    _add_train_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("demo", help="train on a tiny random SDXL and a generated dataset (cached), CPU-friendly")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--optimizer", default="EmoNavi")
+    p.add_argument("--lr", type=float, default=1e-3, help="high on purpose: the loss moves within a few steps")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--output", help="default: <cache>/demo/demo-lora.safetensors")
+    _common(p)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("presets", help="list presets")
+    p.set_defaults(func=cmd_presets, verbose=False, threads=None)
+    p = sub.add_parser("runs", help="list the runs in an output folder")
+    p.add_argument("folder", help="an output folder (holding runs/) or a runs folder")
+    p.set_defaults(func=cmd_runs, verbose=False, threads=None)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if os.environ.get("EMOLORA_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, I/O errors: not bad input, but still no traceback for users
+        if os.environ.get("EMOLORA_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    if not verbose:  # the libraries' own config chatter is not for end users
+        for name in ("transformers", "diffusers"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+# ---- commands -------------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from .config import build_config, load_run_config
+
+    flags = {k: getattr(args, k) for k in (
+        "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
+        "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
+        "sample_every", "sample_prompts", "auto_stop")}
+    for k in ("model", "data", "output", "tokenizer", "resume"):
+        if flags[k]:
+            flags[k] = str(Path(flags[k]).expanduser().resolve())
+    overrides = {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    base = load_run_config(args.resume) if args.resume else None
+    cfg = build_config(presets=args.preset or (), config_file=args.config, overrides=overrides, base=base)
+    result = _run(cfg, progress=not args.no_progress)
+    _print_summary(result)
+    return 0 if result.stop_reason in ("finished", "should_stop", "stopped") else 1
+
+
+def _run(cfg, progress: bool):
+    from .train import train
+
+    return train(cfg, progress_bar=progress and sys.stderr.isatty())
+
+
+def _print_summary(result) -> None:
+    s = result.summary
+    lines = [f"LoRA: {result.lora_path}", f"run:  {result.run_dir}",
+             f"steps: {result.steps_done} ({result.stop_reason}), skipped: {result.skipped_steps}"]
+    if "loss_start" in s:
+        lines.append(f"loss: {s['loss_start']:.4f} -> {s['loss_end']:.4f} (min {s['loss_min']:.4f})")
+    if "eval_loss_start" in s:
+        lines.append(f"eval loss (fixed batch): {s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}")
+    if "emo_scalar_min" in s:
+        lines.append(f"emo_scalar: {s['emo_scalar_min']:+.4f} .. {s['emo_scalar_max']:+.4f}")
+    if "emo_pulse_min" in s:
+        lines.append(f"emo_pulse: {s['emo_pulse_min']:.3g} .. {s['emo_pulse_max']:.3g}")
+    speed = f"{s['steps_per_s']:.2f} steps/s" if s.get("steps_per_s") else ""
+    mem = f"peak memory {s['peak_mem_mb']:.0f} MiB" if s.get("peak_mem_mb") else ""
+    if speed or mem:
+        lines.append(", ".join(x for x in (speed, mem) if x))
+    print("\n".join(lines))
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("EMOLORA_CACHE") or Path.home() / ".cache" / "emolora")
+
+
+DEMO_DATA_VERSION = "demo-data-v1"
+
+
+def demo_dataset(root: Path) -> Path:
+    """Eight generated 'photos' with captions, built once (atomically) under root/<version>."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    final = root / DEMO_DATA_VERSION
+    if (final / ".complete").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+        sizes = [(128, 96), (96, 128), (112, 112), (128, 80)]
+        for i, (name, rgb) in enumerate(list(colors.items()) * 2):
+            rng = np.random.default_rng(i)
+            w, h = sizes[i % len(sizes)]
+            y, x = np.mgrid[0:h, 0:w]
+            cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, rng.uniform(0.2, 0.3) * min(w, h)
+            sky = np.stack([x / w * 60 + 150, y / h * 40 + 170, np.full_like(x, 235.0)], -1)
+            disk = ((x - cx) ** 2 + (y - cy) ** 2 < r * r)[..., None]
+            img = np.where(disk, np.array(rgb, dtype=float), sky) + rng.normal(0, 6, (h, w, 3))
+            shape = "ball" if i < 4 else "disc"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp / f"{i:02d}_{name}.png")
+            (tmp / f"{i:02d}_{name}.txt").write_text(f"a {name} {shape} on a pale sky, photo", encoding="utf-8")
+        (tmp / ".complete").write_text(DEMO_DATA_VERSION)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def cmd_demo(args) -> int:
+    from .config import build_config
+    from .model import tiny_model_path
+
+    root = _cache_root() / "demo"
+    t0 = time.time()
+    model = tiny_model_path()
+    data = demo_dataset(root)
+    output = Path(args.output).expanduser().resolve() if args.output else root / "demo-lora.safetensors"
+    cfg = build_config(overrides={
+        "model": model, "data": str(data), "output": str(output), "optimizer": args.optimizer, "lr": args.lr,
+        "steps": args.steps, "resolution": args.resolution, "bucket_step": 32, "rank": 8, "batch_size": 2,
+        "eval_every": max(1, args.steps // 4), "eval_size": 4, "cache_dir": str(root / "cache"),
+        "cache_latents": "disk", "cache_text": "disk", "gradient_checkpointing": False, "auto_stop": "mark",
+        "save_dtype": "fp16", "device": "cpu",
+    })
+    log.info("demo: tiny random SDXL %s, data %s", model, data)
+    result = _run(cfg, progress=not args.no_progress)
+    _print_summary(result)
+    print(f"demo took {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .config import list_presets
+
+    for p in list_presets():
+        print(f"{p['name']:<26} {p['kind']:<9} {p['description']}")
+    return 0
+
+
+def cmd_runs(args) -> int:
+    from .runstore import RunReader
+
+    runs = RunReader.list_runs(args.folder)
+    if not runs:
+        print(f"no runs in {args.folder}")
+    for r in runs:
+        print(f"{r['name']:<40} {r.get('status', '?'):<9} {r.get('optimizer', '?'):<14} "
+              f"step {r.get('steps_done', '?')}/{r.get('steps_total', '?')}  {r['run_dir']}")
+    return 0

@@ -1,0 +1,146 @@
+"""Write a trained LoRA as a kohya-format .safetensors with kohya ss_* / sshs_* and modelspec metadata.
+
+ss_base_model_version must start with "sdxl_": A1111/Forge treat a LoRA whose metadata lacks it as SD1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+
+import torch
+
+from . import hashes
+from .atomic_io import write_atomic
+
+BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's value for every SDXL-family base, v-pred included
+ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"  # kohya's value for SDXL LoRA
+MODELSPEC_VERSION = "1.0.1"  # what current kohya sd-scripts writes
+
+
+def _str(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _resolution(res) -> tuple[int, int]:
+    if isinstance(res, int):
+        return res, res
+    w, h = res
+    return int(w), int(h)
+
+
+def kohya_metadata(
+    *,
+    network,
+    model=None,
+    output_name: str,
+    steps: int,
+    epoch: int,
+    resolution=1024,
+    learning_rate: float,
+    unet_lr: float | None = None,
+    text_encoder_lr=None,
+    optimizer: str = "",
+    optimizer_args: dict | str | None = None,
+    num_train_images: int = 0,
+    tag_frequency: dict | None = None,
+    training_started_at: float | None = None,
+    training_finished_at: float | None = None,
+    seed: int | None = None,
+    title: str | None = None,
+    timestep_range: tuple[int, int] | None = None,
+    hash_base_model: bool = True,
+    extra: dict | None = None,
+    **ss,
+) -> dict[str, str]:
+    """kohya-compatible metadata (all values strings; None values are left out).
+
+    Any further keyword becomes `ss_<name>` (e.g. lr_scheduler="cosine" -> ss_lr_scheduler), so every
+    kohya key can be written without changing this signature. `extra` is copied verbatim: use it for
+    `emolora_*` keys (dicts/lists are JSON-encoded). sshs_model_hash / sshs_legacy_hash are hashes of
+    the LoRA file itself and are added by save_lora.
+    """
+    w, h = _resolution(resolution)
+    now = time.time()
+    started = training_started_at if training_started_at is not None else now
+    finished = training_finished_at if training_finished_at is not None else now
+    net_args = {}
+    if network.conv_rank:
+        net_args.update(conv_dim=str(network.conv_rank), conv_alpha=str(network.conv_alpha))
+    if isinstance(optimizer_args, dict):
+        optimizer_args = ",".join(f"{k}={v}" for k, v in optimizer_args.items())
+    meta = {
+        "ss_v2": "False",
+        "ss_base_model_version": BASE_MODEL_VERSION,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": network.rank,
+        "ss_network_alpha": network.alpha,
+        "ss_network_args": net_args,
+        "ss_network_dropout": network.dropout,
+        "ss_output_name": output_name,
+        "ss_training_started_at": started,
+        "ss_training_finished_at": finished,
+        "ss_steps": steps,
+        "ss_epoch": epoch,
+        "ss_resolution": f"({w}, {h})",
+        "ss_learning_rate": learning_rate,
+        "ss_unet_lr": unet_lr if unet_lr is not None else learning_rate,
+        "ss_text_encoder_lr": text_encoder_lr if network.train_te else None,
+        "ss_optimizer": f"{optimizer}({optimizer_args})" if optimizer_args else optimizer,
+        "ss_num_train_images": num_train_images,
+        "ss_tag_frequency": tag_frequency if tag_frequency is not None else {},
+        "ss_seed": seed,
+    }
+    if model is not None:
+        meta["ss_sd_model_name"] = model.name
+        if hash_base_model and model.hash_file and os.path.isfile(model.hash_file):
+            meta["ss_sd_model_hash"] = model.legacy_hash
+            meta["ss_new_sd_model_hash"] = model.model_hash
+        if getattr(model, "zero_terminal_snr", False):
+            meta.setdefault("ss_zero_terminal_snr", True)
+    for key, value in ss.items():
+        meta[key if key.startswith("ss_") else f"ss_{key}"] = value
+    vpred = model is not None and model.prediction_type == "v_prediction"
+    meta.update(
+        {
+            "modelspec.sai_model_spec": MODELSPEC_VERSION,
+            "modelspec.architecture": ARCHITECTURE,
+            "modelspec.implementation": IMPLEMENTATION,
+            "modelspec.title": title or output_name,
+            "modelspec.resolution": f"{w}x{h}",
+            "modelspec.date": datetime.datetime.fromtimestamp(int(finished)).isoformat(),
+            "modelspec.prediction_type": "v" if vpred else "epsilon",
+            "modelspec.timestep_range": f"{timestep_range[0]},{timestep_range[1]}" if timestep_range else None,
+        }
+    )
+    meta.update(extra or {})
+    return {k: _str(v) for k, v in meta.items() if v is not None}
+
+
+def save_lora(path, network, metadata: dict, dtype: torch.dtype = torch.float16) -> str:
+    """Write the LoRA atomically (temp file in the same folder, then os.replace), adding kohya's
+    sshs_model_hash / sshs_legacy_hash computed over the file as serialised with only ss_* metadata."""
+    from safetensors.torch import save
+
+    path = os.fspath(path)
+    sd = network.kohya_state_dict(dtype)
+    meta = {str(k): _str(v) for k, v in metadata.items() if v is not None}
+    probe = save(sd, {k: v for k, v in meta.items() if k.startswith("ss_")})
+    meta["sshs_model_hash"] = hashes.safetensors_data_hash(probe)
+    meta["sshs_legacy_hash"] = hashes.legacy_bytes_hash(probe)
+    del probe
+    data = save(sd, meta)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomic(path, write)
+    return path

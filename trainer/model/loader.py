@@ -1,0 +1,261 @@
+"""Load an SDXL-family base model (single-file checkpoint or diffusers folder) fully offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import clip_tokenizers, convert, detect, hashes
+from . import sdxl_keys as K
+from .errors import ModelError
+
+# SDXL's training noise schedule (scheduler_config.json of the base model; kohya hard-codes the same).
+SDXL_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+}
+
+
+@dataclass
+class SDXLModel:
+    unet: Any  # diffusers UNet2DConditionModel
+    te1: Any  # transformers CLIPTextModel (CLIP ViT-L)
+    te2: Any  # transformers CLIPTextModelWithProjection (OpenCLIP ViT-bigG)
+    vae: Any  # diffusers AutoencoderKL
+    tokenizer1: Any
+    tokenizer2: Any
+    prediction_type: str  # "epsilon" | "v_prediction"
+    source: str  # the checkpoint file or diffusers folder
+    arch: str  # "sdxl" | "ssd-1b" | "vega" | "sdxl-custom" | "tiny-sdxl"
+    zero_terminal_snr: bool = False
+    scheduler_config: dict = field(default_factory=lambda: dict(SDXL_SCHEDULER))
+    tokenizer_source: tuple[str, str] = ("", "")
+    hash_file: str = field(default="", repr=False)  # file hashed for model_hash (the checkpoint, or unet weights)
+    _hashes: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def model_hash(self) -> str:
+        """Whole-file SHA-256 of the base checkpoint (kohya ss_new_sd_model_hash); computed once, lazily,
+        because hashing a 7 GB checkpoint takes a while."""
+        if "sha256" not in self._hashes:
+            self._hashes["sha256"] = hashes.sha256_file(self.hash_file)
+        return self._hashes["sha256"]
+
+    @property
+    def legacy_hash(self) -> str:
+        """A1111's old 8-hex model hash (kohya ss_sd_model_hash)."""
+        if "legacy" not in self._hashes:
+            self._hashes["legacy"] = hashes.legacy_file_hash(self.hash_file)
+        return self._hashes["legacy"]
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.source))
+
+
+def load_sdxl(
+    path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    vae_dtype: torch.dtype = torch.float32,
+    tokenizer_dir=None,
+    device="cpu",
+) -> SDXLModel:
+    """Load UNet, both text encoders, VAE and tokenizers; every network is frozen and in eval mode.
+
+    The VAE defaults to fp32 because SDXL's VAE overflows to NaN in fp16.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelError(f"checkpoint not found: {path}")
+    model = (
+        _load_folder(path, dtype, vae_dtype, tokenizer_dir)
+        if os.path.isdir(path)
+        else _load_file(path, dtype, vae_dtype, tokenizer_dir)
+    )
+    for net in (model.unet, model.te1, model.te2, model.vae):
+        net.requires_grad_(False)
+        net.eval()
+        net.to(device)  # dtypes were applied while loading
+    return model
+
+
+# ------------------------------------------------------------------ single file
+def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
+    info = detect.read_header(path)
+    cfg = detect.infer_configs(info)  # rejects non-SDXL files before any tensor is read
+    tok_dirs = clip_tokenizers.resolve(path, tokenizer_dir)
+    tok1, tok2 = clip_tokenizers.load_pair(*tok_dirs, max_length=cfg.te1["max_position_embeddings"])
+    _check_vocab(path, tok1, cfg.te1["vocab_size"], tok2, cfg.te2["vocab_size"])
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # Token ids of the tokenizer actually used: HF pools text_embeds at the first EOS id.
+    ids = {"bos_token_id": tok1.bos_token_id, "eos_token_id": tok1.eos_token_id, "pad_token_id": tok1.eos_token_id}
+    parts = _read_components(path)
+    unet_sd, left = convert.unet_to_diffusers(parts["unet"], cfg.layout)
+    _no_leftovers(path, "UNet", left)
+    unet = _assemble(lambda: UNet2DConditionModel(**cfg.unet), unet_sd, dtype, path, "UNet")
+    te1_sd, _ = convert.te1_to_hf(parts["te1"])
+    te1 = _assemble(lambda: CLIPTextModel(CLIPTextConfig(**cfg.te1, **ids)), te1_sd, dtype, path, "CLIP-L", te=True)
+    te2_sd, left = convert.te2_to_hf(parts["te2"])
+    _no_leftovers(path, "OpenCLIP bigG", left)
+    te2_factory = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.te2, **ids))  # noqa: E731
+    te2 = _assemble(te2_factory, te2_sd, dtype, path, "bigG", te=True)
+    vae_sd, left = convert.vae_to_diffusers(parts["vae"])
+    _no_leftovers(path, "VAE", left)
+    vae = _assemble(lambda: AutoencoderKL(**cfg.vae), vae_sd, vae_dtype, path, "VAE")
+    sched = dict(SDXL_SCHEDULER, prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr)
+    return SDXLModel(
+        unet=unet,
+        te1=te1,
+        te2=te2,
+        vae=vae,
+        tokenizer1=tok1,
+        tokenizer2=tok2,
+        prediction_type=cfg.prediction_type,
+        source=path,
+        arch=cfg.arch,
+        zero_terminal_snr=cfg.zero_terminal_snr,
+        scheduler_config=sched,
+        tokenizer_source=tok_dirs,
+        hash_file=path,
+    )
+
+
+def _read_components(path: str) -> dict[str, dict]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            sd = {
+                k: f.get_tensor(k)
+                for k in f.keys()
+                if k.startswith((K.UNET_PREFIX, K.TE1_PREFIX, K.TE2_PREFIX, K.VAE_PREFIX))
+            }
+    except Exception as exc:
+        raise ModelError(f"{path}: failed reading tensors ({exc}); the file may be truncated") from exc
+    return convert.split_components(sd)
+
+
+def _no_leftovers(path: str, what: str, left: list[str]) -> None:
+    if left:
+        raise ModelError(
+            f"{path}: {len(left)} {what} tensors do not fit the inferred SDXL layout, e.g. {sorted(left)[:4]}"
+        )
+
+
+def _assemble(factory, sd: dict, dtype, path: str, what: str, te: bool = False):
+    """Build on the meta device (no random init, no second copy) and adopt the checkpoint tensors."""
+    with torch.device("meta"):
+        net = factory()
+    if te:
+        sd = convert.te_keys_for(sd, net)
+    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    result = net.load_state_dict(sd, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelError(
+            f"{path}: {what} weights do not match the inferred architecture "
+            f"(missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]})"
+        )
+    for module in net.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_meta:
+                if name != "position_ids":
+                    raise ModelError(f"{path}: {what} buffer {name} has no value")
+                # CLIP's non-persistent position index buffer is not stored in checkpoints.
+                module.register_buffer(name, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
+    return net
+
+
+def _check_vocab(path: str, tok1, vocab1: int, tok2, vocab2: int) -> None:
+    for tok, size, which in ((tok1, vocab1, "CLIP-L"), (tok2, vocab2, "bigG")):
+        if len(tok) > size:
+            raise ModelError(
+                f"{path}: tokenizer has {len(tok)} tokens but the {which} text encoder only {size} embeddings; "
+                "use the tokenizer that belongs to this checkpoint"
+            )
+
+
+# ------------------------------------------------------------------ diffusers folder
+def _load_folder(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
+    need = ["unet", "text_encoder", "text_encoder_2", "vae"]
+    missing = [d for d in need if not os.path.isfile(os.path.join(path, d, "config.json"))]
+    if missing:
+        found = "no text_encoder_2 (an SD1.x/SD2.x pipeline)" if missing == ["text_encoder_2"] else f"missing {missing}"
+        raise ModelError(f"{path} is not a diffusers SDXL folder: {found}")
+    with open(os.path.join(path, "unet", "config.json"), encoding="utf-8") as f:
+        unet_cfg = json.load(f)
+    if unet_cfg.get("addition_embed_type") != "text_time":
+        raise ModelError(
+            f"{path} is not an SDXL-family diffusers folder: UNet addition_embed_type "
+            f"{unet_cfg.get('addition_embed_type')!r}, context {unet_cfg.get('cross_attention_dim')}"
+        )
+    tok_dirs = clip_tokenizers.resolve(path, tokenizer_dir)
+    tok1, tok2 = clip_tokenizers.load_pair(*tok_dirs)
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    def load(cls, sub, dt):
+        kwargs = {"local_files_only": True}
+        folder = os.path.join(path, sub)
+        names = os.listdir(folder)
+        if not any(n.endswith((".safetensors", ".bin")) and ".fp16." not in n for n in names) and any(
+            ".fp16." in n for n in names
+        ):
+            kwargs["variant"] = "fp16"
+        diffusers_cls = cls.__module__.startswith("diffusers")
+        if diffusers_cls:
+            kwargs["torch_dtype"] = dt
+        try:
+            net = cls.from_pretrained(folder, **kwargs)
+        except Exception as exc:
+            raise ModelError(f"{path}: cannot load {sub}/ ({exc})") from exc
+        # transformers renamed torch_dtype -> dtype across versions; a cast works in all of them.
+        return net if diffusers_cls else net.to(dt)
+
+    unet = load(UNet2DConditionModel, "unet", dtype)
+    te1 = load(CLIPTextModel, "text_encoder", dtype)
+    te2 = load(CLIPTextModelWithProjection, "text_encoder_2", dtype)
+    vae = load(AutoencoderKL, "vae", vae_dtype)
+    sched = dict(SDXL_SCHEDULER)
+    sched_file = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.isfile(sched_file):
+        with open(sched_file, encoding="utf-8") as f:
+            raw = json.load(f)
+        sched.update({k: raw[k] for k in SDXL_SCHEDULER if k in raw})
+    ctx, w1, w2 = unet.config.cross_attention_dim, te1.config.hidden_size, te2.config.hidden_size
+    if ctx != w1 + w2:
+        raise ModelError(f"{path}: UNet context {ctx} != text encoder widths {w1} + {w2}")
+    _check_vocab(path, tok1, te1.config.vocab_size, tok2, te2.config.vocab_size)
+    layout = K.layout_from_diffusers_config(dict(unet.config))
+    flat = tuple(d for lvl in layout.down_depths for d in lvl)
+    standard = ctx == 2048 and unet.config.projection_class_embeddings_input_dim == 2816
+    arch = detect.KNOWN_DEPTHS.get(flat, "sdxl-custom") if standard else "tiny-sdxl"
+    weights = [n for n in sorted(os.listdir(os.path.join(path, "unet"))) if n.endswith((".safetensors", ".bin"))]
+    return SDXLModel(
+        unet=unet,
+        te1=te1,
+        te2=te2,
+        vae=vae,
+        tokenizer1=tok1,
+        tokenizer2=tok2,
+        prediction_type=sched["prediction_type"],
+        source=path,
+        arch=arch,
+        zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr")),
+        scheduler_config=sched,
+        tokenizer_source=tok_dirs,
+        hash_file=os.path.join(path, "unet", weights[0]) if weights else "",
+    )

@@ -1,0 +1,303 @@
+"""Run folders: the telemetry store a panel reads while training runs, and a file-based control channel.
+
+    <runs_dir>/<run_name>/
+        config.json        the resolved TrainConfig
+        telemetry.sqlite   SQLite in WAL mode: steps(step, t, data), events(id, step, t, kind, data), meta
+        control.json       {"stop", "save_now", "auto_stop"}: written by RunController, polled by the trainer
+        dataset.txt        one line per skipped/converted file and the summary
+        state/             the resumable training state
+        samples/           sample images
+
+WAL lets readers in other threads or processes query while the trainer writes; each step is one INSERT and
+one commit (synchronous=NORMAL: no fsync per commit). Step records are JSON objects with every field the
+trainer logged (loss, lr, the optimizer's signals, timings, memory), so new signals need no schema change.
+No torch import here: the panel process reads runs without it.
+"""
+
+import json
+import math
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from .atomic import atomic_write_json
+
+DB_NAME = "telemetry.sqlite"
+CONTROL_NAME = "control.json"
+STATUSES = ("running", "finished", "stopped", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY, t REAL NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY AUTOINCREMENT, step INTEGER, t REAL NOT NULL,
+                                   kind TEXT NOT NULL, data TEXT);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+
+def _clean(obj):
+    """JSON-safe: non-finite floats become null (JSON has no NaN), numbers stay numbers."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    try:
+        return _clean(float(obj))  # numpy scalars, 0-dim tensors that slipped through
+    except (TypeError, ValueError):
+        return str(obj)
+
+
+def _dumps(obj) -> str:
+    return json.dumps(_clean(obj), separators=(",", ":"), allow_nan=False)
+
+
+class RunStore:
+    """The trainer's writer for one run folder."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.run_dir / DB_NAME, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.run_dir / "state"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.run_dir / "samples"
+
+    def write_config(self, config: dict) -> None:
+        atomic_write_json(self.run_dir / "config.json", config)
+
+    def log_step(self, step: int, record: dict) -> None:
+        """One step's record; a step logged again (after a resume) replaces the old row."""
+        t = record.get("t", time.time())
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO steps (step, t, data) VALUES (?, ?, ?)",
+                             (int(step), float(t), _dumps(record)))
+
+    def event(self, step: int | None, kind: str, data=None) -> None:
+        """should_stop (rise/fall), save, state, stop, sample, eval, resume, dataset, error ..."""
+        with self._lock:
+            self._db.execute("INSERT INTO events (step, t, kind, data) VALUES (?, ?, ?, ?)",
+                             (step, time.time(), kind, None if data is None else _dumps(data)))
+
+    def set_meta(self, **values) -> None:
+        with self._lock:
+            self._db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                                 [(k, _dumps(v)) for k, v in values.items()])
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop what a killed run logged after its last saved state; it is about to be redone."""
+        with self._lock:
+            self._db.execute("DELETE FROM steps WHERE step > ?", (int(step),))
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                self._db.close()
+
+
+class RunReader:
+    """Read a run while it trains (another thread or process) or after. Each call is one short transaction."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self._db = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def list_runs(runs_dir) -> list[dict]:
+        """Runs under `runs_dir` (or an output folder holding runs/), newest first: name, run_dir, meta."""
+        runs_dir = Path(runs_dir)
+        if (runs_dir / "runs").is_dir() and not (runs_dir / DB_NAME).exists():
+            runs_dir = runs_dir / "runs"
+        if not runs_dir.is_dir():
+            return []
+        out = []
+        for d in runs_dir.iterdir():
+            if (d / DB_NAME).is_file():
+                reader = RunReader(d)
+                try:
+                    meta = reader.meta()
+                finally:
+                    reader.close()
+                out.append({"name": d.name, "run_dir": str(d), "mtime": (d / DB_NAME).stat().st_mtime,
+                            **meta})
+        return sorted(out, key=lambda r: r.get("started_at") or r["mtime"], reverse=True)
+
+    def _conn(self):
+        if self._db is None:
+            path = self.run_dir / DB_NAME
+            if not path.is_file():
+                return None
+            self._db = sqlite3.connect(path, check_same_thread=False, timeout=5.0)
+        return self._db
+
+    def _query(self, sql: str, args=()) -> list:
+        with self._lock:
+            db = self._conn()
+            if db is None:
+                return []
+            try:
+                return db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):  # the writer is between creating the file and the schema
+                    return []
+                raise
+
+    def meta(self) -> dict:
+        return {k: json.loads(v) for k, v in self._query("SELECT key, value FROM meta")}
+
+    def config(self) -> dict:
+        path = self.run_dir / "config.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def steps(self, since: int = -1, limit: int | None = None) -> list[dict]:
+        """Step records with step > since, in order; each has 'step' and 't' besides the logged fields."""
+        sql = "SELECT step, t, data FROM steps WHERE step > ? ORDER BY step"
+        rows = self._query(sql + (" LIMIT ?" if limit else ""), (since, limit) if limit else (since,))
+        return [{**json.loads(d), "step": s, "t": t} for s, t, d in rows]
+
+    def events(self, since_id: int = 0, kind: str | None = None) -> list[dict]:
+        """Events with id > since_id (pass the last id seen to poll for new ones)."""
+        sql, args = "SELECT id, step, t, kind, data FROM events WHERE id > ?", [since_id]
+        if kind:
+            sql, args = sql + " AND kind = ?", [*args, kind]
+        rows = self._query(sql + " ORDER BY id", args)
+        return [{"id": i, "step": s, "t": t, "kind": k, "data": json.loads(d) if d else None}
+                for i, s, t, k, d in rows]
+
+    def last_step(self) -> int | None:
+        rows = self._query("SELECT MAX(step) FROM steps")
+        return rows[0][0] if rows else None
+
+    def is_alive(self) -> bool:
+        """Status 'running' and its process still exists (a killed trainer leaves 'running' behind)."""
+        meta = self.meta()
+        if meta.get("status") != "running":
+            return False
+        pid = meta.get("pid")
+        if not isinstance(pid, int) or meta.get("host") not in (None, _host()):
+            return True
+        return _pid_alive(pid)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there; ask the kernel instead
+        import ctypes
+
+        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return False
+        ctypes.windll.kernel32.CloseHandle(handle)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists but belongs to another user
+    return True
+
+
+# ---- control channel ------------------------------------------------------------------------------------------
+DEFAULT_CONTROL = {"stop": False, "save_now": 0, "auto_stop": None}
+
+
+class RunController:
+    """What a panel or a node does to a running trainer: stop, save now, change auto_stop.
+
+    Writes control.json atomically; the trainer notices within a step. Controllers in one process are
+    serialised by a lock; two processes writing in the same instant may lose one request (last write wins).
+    """
+
+    _locks: dict = {}
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / CONTROL_NAME
+        self._lock = RunController._locks.setdefault(str(self.path.resolve()), threading.Lock())
+
+    def read(self) -> dict:
+        return read_control(self.path)
+
+    def _update(self, **changes) -> dict:
+        with self._lock:
+            state = {**self.read(), **changes}
+            state["seq"] = int(state.get("seq", 0)) + 1
+            atomic_write_json(self.path, state)
+            return state
+
+    def request_stop(self) -> None:
+        """Save the LoRA and the state, then end the run (status 'stopped')."""
+        self._update(stop=True)
+
+    def request_save(self) -> int:
+        """Save the LoRA (and the state) at the next step boundary; returns the request number."""
+        with self._lock:
+            state = self.read()
+        return self._update(save_now=int(state.get("save_now", 0)) + 1)["save_now"]
+
+    def set_auto_stop(self, mode: str) -> None:
+        if mode not in ("stop", "mark", "off"):
+            raise ValueError(f"auto_stop must be 'stop', 'mark' or 'off', got {mode!r}")
+        self._update(auto_stop=mode)
+
+
+def read_control(path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return dict(DEFAULT_CONTROL)
+    return {**DEFAULT_CONTROL, **data} if isinstance(data, dict) else dict(DEFAULT_CONTROL)
+
+
+class ControlPoller:
+    """The trainer's side: a stat() per step; the file is re-read when it changed, or once a second anyway
+    (coarse mtime clocks can hide two writes within one tick)."""
+
+    def __init__(self, run_dir, auto_stop: str):
+        self.path = Path(run_dir) / CONTROL_NAME
+        atomic_write_json(self.path, {**DEFAULT_CONTROL, "auto_stop": auto_stop, "seq": 0})
+        self._sig = None
+        self._read_at = 0.0
+        self.state = read_control(self.path)
+
+    def poll(self) -> dict:
+        try:
+            st = os.stat(self.path)
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            sig = None
+        now = time.monotonic()
+        if sig != self._sig or now - self._read_at > 1.0:
+            self._sig, self._read_at = sig, now
+            self.state = read_control(self.path)
+        return self.state

@@ -1,0 +1,46 @@
+"""Sample images during training from the model in memory (LoRA active), with diffusers' SDXL pipeline.
+
+The pipeline stops at latents and the VAE decodes them here in its own dtype (float32 by default), outside
+any autocast: SDXL's VAE overflows to NaN in fp16, the classic black-sample bug.
+"""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .atomic import atomic_write
+
+log = logging.getLogger("emolora.train")
+
+
+def generate_samples(model, *, prompts, negative: str, steps: int, cfg_scale: float, size: int, seed: int,
+                     prediction_type: str, out_dir, step: int) -> list[Path]:
+    """One PNG per prompt in out_dir, named step-<step>-<i>.png. The caller puts the modules on one device."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, prediction_type=prediction_type,
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.te1, text_encoder_2=model.te2,
+                                     tokenizer=model.tokenizer1, tokenizer_2=model.tokenizer2, unet=model.unet,
+                                     scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    vae = model.vae
+    out_dir = Path(out_dir)
+    paths = []
+    for i, prompt in enumerate(prompts):
+        generator = torch.Generator("cpu").manual_seed(seed + i)
+        latents = pipe(prompt, negative_prompt=negative or None, num_inference_steps=steps,
+                       guidance_scale=cfg_scale, width=size, height=size, generator=generator,
+                       output_type="latent").images
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+        arr = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+        image = Image.fromarray(np.ascontiguousarray(arr))
+        path = out_dir / f"step-{step:06d}-{i}.png"
+        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths
