@@ -61,6 +61,30 @@ class CrashAt(Trainer):
         return super().micro_batch_loss(batch, micro)
 
 
+class CtrlCAt(Trainer):
+    def micro_batch_loss(self, batch, micro):
+        if self.step == 3 and micro == 1:  # after the first micro-batch moved the data position and RNGs
+            raise KeyboardInterrupt
+        return super().micro_batch_loss(batch, micro)
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_middle_of_a_step_saves_a_state_that_resumes_exactly(tmp_path):
+    ref = train(tiny_config(tmp_path / "a", **RANDOM_EVERYWHERE))
+    t = CtrlCAt(tiny_config(tmp_path / "b", **RANDOM_EVERYWHERE))
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            t.setup()
+            t.run()
+        finally:
+            t.close()
+    assert RunReader(t.run_dir).meta()["status"] == "stopped" and RunReader(t.run_dir).last_step() == 3
+    resumed = train(resume_config(t.run_dir))
+    assert resumed.steps_done == 8
+    assert_same_lora(ref.lora_path, resumed.lora_path)
+    assert losses(ref.run_dir) == losses(resumed.run_dir)
+
+
 @pytest.mark.slow
 def test_crash_mid_step_resumes_from_the_last_saved_state(tmp_path):
     ref = train(tiny_config(tmp_path / "a", **RANDOM_EVERYWHERE))

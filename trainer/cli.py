@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    saved = log.handlers[:], log.level, log.propagate  # main() may run in-process (tests, the panel): undo
     _setup_logging(args.verbose)
     try:
         if args.threads:
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        log.handlers[:], log.level, log.propagate = saved
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write
+from .build import offload, onload
 
 log = logging.getLogger("emolora.train")
 
@@ -43,4 +44,31 @@ def generate_samples(model, *, prompts, negative: str, steps: int, cfg_scale: fl
         path = out_dir / f"step-{step:06d}-{i}.png"
         atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
         paths.append(path)
+    return paths
+
+
+def sample_during_training(trainer) -> list:
+    """Samples for cfg.sample_prompts with the LoRA as it is now, under samples/; [] (logged) if it fails."""
+    t, cfg, m = trainer, trainer.cfg, trainer.model
+    devices = [t.device] if t.device.type == "cuda" else []
+    onload(t.device, m.vae, m.te1, m.te2)
+    m.unet.eval()
+    try:
+        # Forked RNG: sampling must not shift the training run's random stream (resume stays exact).
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            paths = generate_samples(m, prompts=cfg.sample_prompts, negative=cfg.sample_negative,
+                                     steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
+                                     size=cfg.sample_size or cfg.resolution, seed=cfg.sample_seed,
+                                     prediction_type=t.prediction_type, out_dir=t.store.samples_dir, step=t.step)
+    except Exception as e:  # a failed preview must not end a long run
+        log.warning("sampling at step %d failed: %r", t.step, e)
+        t.store.event(t.step, "sample_failed", {"error": repr(e)})
+        return []
+    finally:
+        m.unet.train()
+        if cfg.cache_latents != "off":
+            offload(t.device, m.vae)
+        if cfg.cache_text != "off" and not cfg.train_text_encoder:
+            offload(t.device, m.te1, m.te2)
+    t.store.event(t.step, "sample", {"paths": [str(p) for p in paths], "prompts": cfg.sample_prompts})
     return paths

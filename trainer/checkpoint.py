@@ -1,0 +1,72 @@
+"""LoRA files: where they go, writing them, and the kohya ss_* metadata they carry.
+
+The resumable training state (weights, optimizer, RNGs, position) is state.py's business.
+"""
+
+import logging
+from pathlib import Path
+
+from .build import DTYPES
+
+log = logging.getLogger("emolora.train")
+
+
+def step_path(output, step: int) -> Path:
+    """The intermediate LoRA of `step` beside the final one: <stem>-step000123.safetensors."""
+    out = Path(output).expanduser()
+    return out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
+
+
+def save_lora(trainer, path=None) -> str:
+    """Write the LoRA (kohya keys, ss_* metadata) atomically; default: the configured output."""
+    from . import model as M
+
+    path = Path(path or trainer.cfg.output).expanduser()
+    M.save_lora(path, trainer.network, kohya_metadata(trainer), dtype=DTYPES[trainer.cfg.save_dtype])
+    trainer.saved.append(str(path))
+    trainer.store.event(trainer.step, "save", {"path": str(path)})
+    log.info("saved %s (step %d)", path, trainer.step)
+    return str(path)
+
+
+def kohya_metadata(trainer) -> dict:
+    from . import model as M
+
+    cfg, data, report = trainer.cfg, trainer.data, trainer.report
+    buckets = {f"{w}x{h}": n for (w, h), n in data.bucket_counts().items()}
+    return M.kohya_metadata(
+        network=trainer.network, model=trainer.model, output_name=Path(cfg.output).stem, steps=trainer.step,
+        epoch=trainer.epoch, resolution=cfg.resolution, learning_rate=cfg.lr, optimizer=f"emolora.{cfg.optimizer}",
+        text_encoder_lr=cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr,
+        optimizer_args=cfg.optimizer_args or None, num_train_images=report.samples_per_epoch,
+        tag_frequency=tag_frequency(trainer.items, cfg.caption_separator),
+        training_started_at=trainer._started_at, seed=cfg.seed,
+        timestep_range=(cfg.timestep_min, cfg.timestep_max),
+        lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.warmup_steps, max_train_steps=cfg.steps,
+        max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=trainer.precision,
+        cache_latents=cfg.cache_latents != "off", noise_offset=cfg.noise_offset or None,
+        min_snr_gamma=cfg.min_snr_gamma or None, loss_type=cfg.loss_type,
+        huber_c=cfg.huber_c if cfg.loss_type == "huber" else None, batch_size_per_device=cfg.batch_size,
+        total_batch_size=cfg.batch_size * cfg.grad_accum, num_batches_per_epoch=len(data),
+        enable_bucket=cfg.enable_buckets, bucket_info={"buckets": buckets},
+        min_bucket_reso=min(min(b) for b in data.buckets),
+        max_bucket_reso=max(max(b) for b in data.buckets), keep_tokens=cfg.keep_tokens,
+        shuffle_caption=cfg.shuffle_caption, flip_aug=cfg.flip_aug, random_crop=cfg.random_crop,
+        caption_dropout_rate=cfg.caption_dropout, caption_tag_dropout_rate=cfg.tag_dropout,
+        dataset_dirs={k: {"n_repeats": r, "img_count": n} for k, (r, n) in report.folders.items()},
+        training_comment=cfg.comment or None,
+        extra={"emolora_optimizer": cfg.optimizer, "emolora_auto_stop": cfg.auto_stop,
+               "emolora_stop_reason": trainer.stop_reason, "emolora_skipped_steps": trainer.skipped},
+    )
+
+
+def tag_frequency(items, separator: str) -> dict:
+    """kohya's ss_tag_frequency: per folder, how often each separated tag occurs (repeats counted)."""
+    freq: dict = {}
+    for it in items:
+        folder = freq.setdefault(it.image.parent.name, {})
+        for tag in (t.strip() for t in it.caption.split(separator)):
+            if tag:
+                folder[tag] = folder.get(tag, 0) + it.repeats
+    return freq

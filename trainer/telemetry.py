@@ -1,0 +1,113 @@
+"""What a run reports about itself: each step's record, memory, the progress bar, TensorBoard, the summary.
+
+The run store is the record of truth; the progress bar and TensorBoard are optional views of the same numbers.
+"""
+
+import logging
+import os
+import sys
+
+import torch
+
+from .runstore import RunReader
+
+log = logging.getLogger("emolora.train")
+
+SUMMARY_SIGNALS = ("emo_scalar", "emo_pulse", "trust", "effective_lr", "lr")
+
+
+def memory(device: torch.device) -> dict:
+    """Allocated/peak/reserved accelerator memory, or the process's RSS on the CPU ({} where unreadable)."""
+    if device.type == "cuda":
+        return {"mem_mb": torch.cuda.memory_allocated(device) / 2**20,
+                "mem_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+                "mem_reserved_mb": torch.cuda.memory_reserved(device) / 2**20}
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+        with open("/proc/self/statm") as f:
+            rss_mb = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        return {"rss_mb": rss_mb, "rss_peak_mb": peak_mb}
+    except (ImportError, OSError, ValueError):
+        return {}
+
+
+def step_record(trainer, loss: float, grad_norm: float, scale: list, finite: bool, dt: float) -> dict:
+    """The telemetry record of the step just taken (trainer.step already counts it). Speed is over the last
+    20 steps. The optimizer's own signals are read only after a real step: a skipped one left them stale."""
+    cfg, opt = trainer.cfg, trainer.optimizer
+    trainer._step_times.append(dt)
+    sps = len(trainer._step_times) / sum(trainer._step_times)
+    record = {"loss": loss, "lr": float(opt.param_groups[0]["lr"]), "grad_norm": grad_norm,
+              "skipped": not finite, "skipped_total": trainer.skipped, "epoch": trainer.epoch,
+              "step_time": dt, "steps_per_s": sps, "samples_per_s": sps * cfg.batch_size * cfg.grad_accum,
+              "eta_s": (cfg.steps - trainer.step) / sps,
+              **memory(trainer.device)}
+    if scale:
+        record["grad_scale"] = scale[0]
+    if finite:
+        for k, v in dict(getattr(opt, "telemetry", None) or {}).items():
+            record.setdefault(k, v)
+        if trainer.pulse is not None:
+            for k, v in dict(getattr(trainer.pulse, "telemetry", None) or {}).items():
+                record[f"pulse_{k}"] = v
+    return record
+
+
+def progress_bar(**kw):
+    from tqdm import tqdm
+
+    return tqdm(dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+def update_bar(bar, record: dict) -> None:
+    bar.update(1)
+    post = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.3g}"}
+    if "emo_scalar" in record:
+        post["emo"] = f"{record['emo_scalar']:+.3f}"
+    bar.set_postfix(post, refresh=False)
+
+
+def open_tensorboard(run_dir):
+    """A SummaryWriter under <run>/tensorboard, or None (with a warning) when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard=True but tensorboard is not installed; the run store still has everything")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def log_tensorboard(writer, step: int, record: dict) -> None:
+    for k, v in record.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            writer.add_scalar(k, v, step)
+
+
+def summary(run_dir, steps: int, skipped: int, device: torch.device) -> dict:
+    """The run at a glance, from its logged steps: loss start/end/min, eval loss, signal ranges, speed, memory."""
+    reader = RunReader(run_dir)
+    try:
+        rows = reader.steps()
+    finally:
+        reader.close()
+    losses = [r["loss"] for r in rows if r.get("loss") is not None and not r.get("skipped")]
+    evals = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    k = max(1, min(10, len(losses) // 5))
+    out = {"steps": steps, "skipped_steps": skipped}
+    if losses:
+        out.update(loss_start=sum(losses[:k]) / k, loss_end=sum(losses[-k:]) / k, loss_min=min(losses))
+    if evals:
+        out.update(eval_loss_start=evals[0], eval_loss_end=evals[-1])
+    for name in SUMMARY_SIGNALS:
+        vals = [r[name] for r in rows if isinstance(r.get(name), (int, float)) and not isinstance(r[name], bool)]
+        if vals:
+            out[f"{name}_min"], out[f"{name}_max"] = min(vals), max(vals)
+    times = [r["step_time"] for r in rows if r.get("step_time")]
+    if times:
+        out["steps_per_s"] = len(times) / sum(times)
+    mem = memory(device)
+    out["peak_mem_mb"] = mem.get("mem_peak_mb", mem.get("rss_peak_mb"))
+    return out
