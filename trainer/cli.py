@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("presets", help="list presets")
     p.set_defaults(func=cmd_presets, verbose=False, threads=None)
+    sub.add_parser("panel", help="the Gradio panel: live charts and controls of the runs in an output folder "
+                                 "(--runs DIR, --port N, --host H --listen-all)")
     p = sub.add_parser("runs", help="list the runs in an output folder")
     p.add_argument("folder", help="an output folder (holding runs/) or a runs folder")
     p.set_defaults(func=cmd_runs, verbose=False, threads=None)
@@ -90,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["panel"]:  # the panel parses its own flags
+        return cmd_panel(argv[1:])
     args = build_parser().parse_args(argv)
     saved = log.handlers[:], log.level, log.propagate  # main() may run in-process (tests, the panel): undo
     _setup_logging(args.verbose)
@@ -258,3 +263,11 @@ def cmd_runs(args) -> int:
         print(f"{r['name']:<40} {r.get('status', '?'):<9} {r.get('optimizer', '?'):<14} "
               f"step {r.get('steps_done', '?')}/{r.get('steps_total', '?')}  {r['run_dir']}")
     return 0
+
+
+def cmd_panel(argv) -> int:
+    try:
+        from ..web.panel import main as panel_main  # inside the ComfyUI package
+    except ImportError:  # trainer is the top-level package: python -m trainer panel
+        from web.panel import main as panel_main
+    return panel_main(argv)

@@ -1,0 +1,1 @@
+"""Web front ends of EmoLoRA: panel/ is the Gradio training panel."""

@@ -1,0 +1,303 @@
+"""The Gradio app: run list, live charts, controls, samples and downloads, and a form to start runs.
+
+Everything a browser can ask for goes through PanelRoot: a run is a folder name under runs/, a file is served
+only from inside the output folder. A 1-second gr.Timer refreshes the selected run; components whose content
+did not change are skipped, so an idle panel sends little more than the status line.
+"""
+
+import html
+import time
+
+import gradio as gr
+
+from . import _trainer, data, launcher, plots
+from .paths import PanelRoot, PathError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+CSS = """
+#emolora-status .emo-row { display:flex; flex-wrap:wrap; gap:18px; align-items:baseline; font-size:14px; }
+#emolora-status .emo-big { font-size:22px; font-weight:700; }
+#emolora-status .emo-warn { color:#b91c1c; font-weight:600; }
+.emolora-plot svg { width:100%; height:auto; border-radius:6px; }
+"""
+
+
+class PanelApp:
+    """State shared by every browser session of one panel: the output folder, the run cache, the run list."""
+
+    def __init__(self, folder):
+        self.root = PanelRoot(folder)
+        self.cache = data.RunCache()
+        self._runs, self._runs_at = [], 0.0
+
+    # ---- runs ------------------------------------------------------------------------------------------------
+    def runs(self, max_age: float = 1.5) -> list:
+        if time.monotonic() - self._runs_at > max_age:
+            self._runs = data.list_runs(self.root.runs_dir)
+            self._runs_at = time.monotonic()
+        return self._runs
+
+    def run_data(self, name):
+        if not name:
+            return None
+        try:
+            return self.cache.get(self.root.run_dir(name))
+        except PathError:
+            return None
+
+    @staticmethod
+    def choice_label(r) -> str:
+        return f"{r['name']}  [{r.get('status', '?')}, {r.get('optimizer', '?')}]"
+
+    def pick_run(self, current, follow: bool) -> str | None:
+        runs = self.runs()
+        names = [r["name"] for r in runs]
+        if follow:
+            running = [r["name"] for r in runs if r.get("status") == "running"]
+            if running and current not in running:
+                return running[0]
+        if current in names:
+            return current
+        return names[0] if names else None
+
+    # ---- controls ----------------------------------------------------------------------------------------------
+    def controller(self, name):
+        return _trainer.runstore().RunController(self.root.run_dir(name))
+
+    def set_auto_stop(self, name, on: bool) -> str:
+        try:
+            self.controller(name).set_auto_stop("stop" if on else "mark")
+        except PathError as e:
+            return f"⚠ {e}"
+        return (f"auto-stop **on** for `{name}`: the run stops (and saves) when should_stop rises" if on else
+                f"auto-stop **off** for `{name}`: should_stop is only marked")
+
+    def request_stop(self, name) -> str:
+        rd = self.run_data(name)
+        if rd is None:
+            return "⚠ no run selected"
+        if not rd.alive:
+            return f"`{name}` is not running"
+        self.controller(name).request_stop()
+        return f"stop requested: `{name}` saves its LoRA and ends at the next step"
+
+    def request_save(self, name) -> str:
+        rd = self.run_data(name)
+        if rd is None:
+            return "⚠ no run selected"
+        if not rd.alive:
+            return f"`{name}` is not running"
+        n = self.controller(name).request_save()
+        return f"save #{n} requested: `{name}` writes its LoRA at the next step"
+
+    # ---- files -----------------------------------------------------------------------------------------------
+    def lora_files(self, rd) -> list:
+        paths = rd.event_paths("save")
+        if rd.meta.get("lora_path"):
+            paths.append(rd.meta["lora_path"])
+        return [str(p) for p in self.root.files(paths, (".safetensors",))]
+
+    def sample_files(self, rd, limit: int = 24) -> list:
+        paths = rd.event_paths("sample")
+        samples = rd.run_dir / "samples"
+        if samples.is_dir():
+            paths += sorted(str(p) for p in samples.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        return [str(p) for p in self.root.files(paths, IMAGE_SUFFIXES)][-limit:]
+
+    # ---- start a run -------------------------------------------------------------------------------------------
+    def start_run(self, model, dataset, optimizer, preset, steps, resolution, name) -> tuple:
+        base = launcher.safe_run_name(name, f"{(optimizer or 'run').lower()}-{time.strftime('%Y%m%d-%H%M%S')}")
+        name = launcher.unique_name(self.root, base)
+        try:
+            cmd = launcher.build_command(self.root, model=model, data=dataset, optimizer=optimizer,
+                                         steps=int(steps or 1000), name=name,
+                                         preset=preset if preset and preset != "(none)" else None,
+                                         resolution=int(resolution) if resolution else None)
+        except (PathError, ValueError) as e:
+            return f"⚠ {e}", gr.skip()
+        launcher.start(self.root, cmd, name)
+        return (f"started `{name}` in the background (log: panel-logs/{name}.log); the panel follows it",
+                gr.update(value=True))
+
+    def launcher_note(self, name) -> str:
+        procs = launcher.poll()
+        if name in procs and procs[name][0] not in (None, 0):
+            tail = html.escape(launcher.log_tail(self.root, name))
+            return f"<div class='emo-warn'>the trainer exited with code {procs[name][0]}</div><pre>{tail}</pre>"
+        return ""
+
+    # ---- the status line -------------------------------------------------------------------------------------
+    def status_html(self, rd) -> str:
+        if rd is None:
+            pending = [n for n, (rc, _) in launcher.poll().items() if rc is None]
+            msg = f"starting {', '.join(pending)} …" if pending else f"no runs yet in {self.root.runs_dir}"
+            return (f"<div class='emo-row'><span>{html.escape(msg)}</span>"
+                    f"<span id='emolora-step' data-step='0'>step 0</span></div>")
+        s = rd.status()
+        e = html.escape
+        total = s["steps_total"] or "?"
+        mem = f"{s['mem_mb']:.0f} MiB (peak {s['mem_peak_mb'] or 0:.0f})" if s["mem_mb"] else "–"
+        sps = f"{s['steps_per_s']:.2f}" if s["steps_per_s"] else "–"
+        loss = f"{s['loss']:.4f}" if isinstance(s["loss"], (int, float)) else "–"
+        rises = s["should_stop_rises"]
+        rise = (f"<span class='emo-warn' id='emolora-rise' data-step='{rises[0][0]}'>should_stop rose at step "
+                f"{', '.join(str(r[0]) for r in rises)}</span>" if rises else "<span>should_stop: not yet</span>")
+        reason = s["stop_reason"]
+        status = s["status"] + (f" ({reason})" if reason and reason != s["status"] else "")
+        parts = [
+            f"<span class='emo-big'><span id='emolora-step' data-step='{s['step']}'>step {s['step']}</span>"
+            f" / {total}</span>",
+            f"<span><b>{e(s['name'])}</b> · {e(str(s['optimizer']))} · "
+            f"<span id='emolora-run-status' data-status='{e(s['status'])}'>{e(status)}</span></span>",
+            f"<span>loss {loss}</span>", f"<span>{sps} steps/s</span>",
+            f"<span>ETA {data.fmt_duration(s['eta_s'])}</span>", f"<span>memory {mem}</span>",
+            f"<span>auto-stop: <b id='emolora-auto' data-mode='{e(s['auto_stop'])}'>{e(s['auto_stop'])}</b></span>",
+            rise]
+        extra = ""
+        if s["error"]:
+            extra += f"<div class='emo-warn'>{e(str(s['error']))}</div>"
+        if s["lora_path"] and not self.root.files([s["lora_path"]]):
+            extra += (f"<div>LoRA: {e(str(s['lora_path']))} (outside the output folder {e(str(self.root.root))}: "
+                      "not offered for download)</div>")
+        return f"<div class='emo-row'>{''.join(parts)}</div>{extra}{self.launcher_note(s['name'])}"
+
+    # ---- the 1-second refresh --------------------------------------------------------------------------------
+    def tick(self, run, compare, follow, more, st):
+        st = dict(st or {})
+        name = self.pick_run(run, follow)
+        runs = self.runs()
+        choices = [(self.choice_label(r), r["name"]) for r in runs]
+        out = {}
+        key = tuple(choices)
+        if key != st.get("choices") or name != run:
+            out["run"] = gr.update(choices=choices, value=name)
+            st["choices"] = key
+        else:
+            out["run"] = gr.skip()
+        cmp_choices = [("(none)", "")] + [c for c in choices if c[1] != name]
+        compare = compare if compare in [c[1] for c in cmp_choices] else ""
+        ckey = (tuple(cmp_choices), compare)
+        out["compare"] = gr.update(choices=cmp_choices, value=compare) if ckey != st.get("cmp") else gr.skip()
+        st["cmp"] = ckey
+        rd = self.run_data(name)
+        other = self.run_data(compare) if compare else None
+        out["status"] = self.status_html(rd)
+        if rd is None:
+            for k in plots.CHART_KEYS:
+                out[k] = gr.update(value="", visible=k == "loss")
+            out.update(auto=gr.skip(), more_sel=gr.skip(), gallery=gr.skip(), files=gr.skip())
+            return [*self._ordered(out), st]
+        # charts: redrawn only when the run (or the compared one, or the choice of signals) changed
+        more_choices = plots.more_choices(rd)
+        if st.get("more_run") != name or (st.get("more_pending") and not more and more_choices):
+            # a new run: its default extra signals (again once its first records arrived)
+            more = plots.default_more(rd)
+            st["more_run"], st["more_pending"] = name, not more_choices
+            out["more_sel"] = gr.update(choices=more_choices, value=more)
+        elif tuple(more_choices) != st.get("more_choices"):
+            out["more_sel"] = gr.update(choices=more_choices, value=[m for m in (more or []) if m in more_choices])
+        else:
+            out["more_sel"] = gr.skip()
+        st["more_choices"] = tuple(more_choices)
+        version = (name, rd.version, compare, other.version if other else None, tuple(more or ()))
+        if version != st.get("charts"):
+            charts = plots.charts(rd, other, more)
+            for k in plots.CHART_KEYS:
+                out[k] = gr.update(value=plots.svg(charts[k]), visible=charts[k] is not None)
+            st["charts"] = version
+        else:
+            for k in plots.CHART_KEYS:
+                out[k] = gr.skip()
+        # the auto-stop box follows the run's control file (set when the run or the mode changes)
+        mode = rd.status()["auto_stop"]
+        if (name, mode) != st.get("auto"):
+            out["auto"] = gr.update(value=mode == "stop")
+            st["auto"] = (name, mode)
+        else:
+            out["auto"] = gr.skip()
+        samples = self.sample_files(rd)
+        out["gallery"] = gr.update(value=samples or None, visible=bool(samples)) if (name, tuple(samples)) != st.get(
+            "samples") else gr.skip()
+        st["samples"] = (name, tuple(samples))
+        files = self.lora_files(rd)
+        out["files"] = gr.update(value=files or None) if (name, tuple(files)) != st.get("files") else gr.skip()
+        st["files"] = (name, tuple(files))
+        return [*self._ordered(out), st]
+
+    def pick(self, run, compare, follow, more, st):
+        """The user picked a run: stop following the newest one and show the pick."""
+        return [False, *self.tick(run, compare, False, more, st)]
+
+    ORDER = ("run", "compare", "status", *plots.CHART_KEYS, "auto", "more_sel", "gallery", "files")
+
+    def _ordered(self, out: dict) -> list:
+        return [out[k] for k in self.ORDER]
+
+    # ---- the page ----------------------------------------------------------------------------------------------
+    def build(self) -> gr.Blocks:
+        cfg = _trainer.config()
+        presets = ["(none)"] + [p["name"] for p in cfg.list_presets() if p["kind"] != "optimizer"]
+        with gr.Blocks(title="EmoLoRA panel", analytics_enabled=False, delete_cache=(600, 1800)) as demo:
+            st = gr.State({})
+            gr.Markdown(f"### EmoLoRA training panel\nOutput folder: `{self.root.root}`")
+            with gr.Row():
+                run = gr.Dropdown(label="Run", choices=[], value=None, scale=3, elem_id="emolora-run")
+                follow = gr.Checkbox(label="Follow the newest running run", value=True, scale=1,
+                                     elem_id="emolora-follow")
+                compare = gr.Dropdown(label="Overlay another run", choices=[("(none)", "")], value="", scale=2,
+                                      elem_id="emolora-compare")
+            status = gr.HTML(elem_id="emolora-status")
+            with gr.Row():
+                auto = gr.Checkbox(label="Auto-stop when should_stop rises", value=True, elem_id="emolora-autostop")
+                stop_btn = gr.Button("Stop (save and end)", variant="stop", elem_id="emolora-stop")
+                save_btn = gr.Button("Save now", elem_id="emolora-save")
+            action = gr.Markdown(elem_id="emolora-action")
+            chart = {}
+            with gr.Row():
+                chart["loss"] = gr.HTML(elem_id="emolora-chart-loss", elem_classes="emolora-plot")
+                chart["emo"] = gr.HTML(elem_id="emolora-chart-emo", elem_classes="emolora-plot", visible=False)
+            with gr.Row():
+                chart["lr"] = gr.HTML(elem_id="emolora-chart-lr", elem_classes="emolora-plot", visible=False)
+                chart["shadow"] = gr.HTML(elem_id="emolora-chart-shadow", elem_classes="emolora-plot", visible=False)
+            with gr.Row():
+                chart["trust"] = gr.HTML(elem_id="emolora-chart-trust", elem_classes="emolora-plot", visible=False)
+                chart["more"] = gr.HTML(elem_id="emolora-chart-more", elem_classes="emolora-plot", visible=False)
+            more_sel = gr.Dropdown(label="More signals", choices=[], value=[], multiselect=True,
+                                   elem_id="emolora-more")
+            with gr.Row():
+                gallery = gr.Gallery(label="Samples", visible=False, columns=4, height=260, elem_id="emolora-samples")
+                files = gr.File(label="LoRA files", file_count="multiple", interactive=False, elem_id="emolora-files")
+            with gr.Accordion("Start a run", open=False):
+                with gr.Row():
+                    f_model = gr.Textbox(label="SDXL model (.safetensors file or diffusers folder)", scale=3)
+                    f_data = gr.Textbox(label="Dataset folder", scale=3)
+                with gr.Row():
+                    f_opt = gr.Dropdown(label="Optimizer", choices=list(cfg.OPTIMIZER_NAMES), value="EmoNavi")
+                    f_preset = gr.Dropdown(label="Preset", choices=presets, value="(none)")
+                    f_steps = gr.Number(label="Steps", value=1000, precision=0, minimum=1)
+                    f_res = gr.Number(label="Resolution (0: the preset's)", value=0, precision=0, minimum=0)
+                    f_name = gr.Textbox(label="Run name (optional)")
+                start_btn = gr.Button("Start training", variant="primary", elem_id="emolora-start")
+                start_msg = gr.Markdown()
+            timer = gr.Timer(1.0)
+
+            outputs = [run, compare, status, *[chart[k] for k in plots.CHART_KEYS], auto, more_sel, gallery, files, st]
+            inputs = [run, compare, follow, more_sel, st]
+            timer.tick(self.tick, inputs, outputs, show_progress="hidden", queue=True, concurrency_limit=4)
+            demo.load(self.tick, inputs, outputs, show_progress="hidden")
+            for comp in (compare, more_sel):
+                comp.input(self.tick, inputs, outputs, show_progress="hidden")
+            run.input(self.pick, inputs, [follow, *outputs], show_progress="hidden")
+            auto.input(self.set_auto_stop, [run, auto], action, show_progress="hidden")
+            stop_btn.click(self.request_stop, run, action, show_progress="hidden")
+            save_btn.click(self.request_save, run, action, show_progress="hidden")
+            start_btn.click(self.start_run, [f_model, f_data, f_opt, f_preset, f_steps, f_res, f_name],
+                            [start_msg, follow])
+        return demo
+
+
+def theme():
+    """Gradio's default look with system fonts only: nothing is fetched from a font CDN."""
+    fonts = ["ui-sans-serif", "system-ui", "sans-serif"]
+    return gr.themes.Default(font=fonts, font_mono=["ui-monospace", "Consolas", "monospace"])
+

@@ -1,0 +1,89 @@
+"""Start a training run from the panel: `python -m trainer train ...` in a background process.
+
+A subprocess keeps a crash, a CUDA out-of-memory or a hung data loader away from the panel (and from ComfyUI).
+The run's folder, LoRA and caches go under the panel's output folder; the panel follows it through RunReader
+like any other run. The process's output goes to <output folder>/panel-logs/<run name>.log.
+"""
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from . import _trainer
+from .paths import SAFE_NAME, PathError
+
+_procs: dict = {}  # run name -> Popen
+_lock = threading.Lock()
+
+
+def safe_run_name(name: str, fallback: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", (name or "").strip()).strip(".-")[:80]
+    return name if name and SAFE_NAME.match(name) else fallback
+
+
+def unique_name(root, base: str) -> str:
+    name, n = base, 1
+    while (root.runs_dir / name).exists() or (root.root / f"{name}.safetensors").exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def build_command(root, *, model: str, data: str, optimizer: str, steps: int, name: str, preset: str | None = None,
+                  resolution: int | None = None, extra: dict | None = None) -> list:
+    """The trainer's command line for a run named `name` whose LoRA is <root>/<name>.safetensors."""
+    if not model or not Path(model).expanduser().exists():
+        raise PathError(f"model not found: {model!r}")
+    if not data or not Path(data).expanduser().is_dir():
+        raise PathError(f"dataset folder not found: {data!r}")
+    cmd = [_trainer.python(), "-m", "trainer", "train", "--no-progress",
+           "--model", str(Path(model).expanduser().resolve()), "--data", str(Path(data).expanduser().resolve()),
+           "--output", str(root.root / f"{name}.safetensors"), "--run-name", name,
+           "--optimizer", optimizer, "--steps", str(int(steps)), "--set", f"runs_dir={root.runs_dir}"]
+    if preset:
+        cmd += ["--preset", preset]
+    if resolution:
+        cmd += ["--resolution", str(int(resolution))]
+    for k, v in (extra or {}).items():
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
+    return cmd
+
+
+def start(root, cmd: list, name: str) -> subprocess.Popen:
+    """Run `cmd` in the background from the folder holding the trainer package; output to a log file."""
+    logs = root.root / "panel-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{name}.log"
+    cwd = _trainer.package_root()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = cwd + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log_path, "ab") as log:
+        log.write(f"$ {' '.join(cmd)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    proc.log_path = log_path
+    proc.started = time.time()
+    with _lock:
+        _procs[name] = proc
+    return proc
+
+
+def poll() -> dict:
+    """name -> (return code or None while running, log path); reaps finished processes."""
+    with _lock:
+        return {n: (p.poll(), p.log_path) for n, p in _procs.items()}
+
+
+def log_tail(root, name: str, lines: int = 12) -> str:
+    try:
+        path = root.file(root.root / "panel-logs" / f"{name}.log")
+    except PathError:
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(text[-lines:])
