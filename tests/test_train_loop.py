@@ -245,3 +245,27 @@ def test_text_encoder_lora_trains_with_its_own_lr(tmp_path):
     te_up = [v for k, v in tensors.items() if k.startswith("lora_te") and k.endswith("lora_up.weight")]
     assert te_up and any(v.abs().sum() > 0 for v in te_up)
     assert any(k.startswith("lora_te1_") for k in tensors) and any(k.startswith("lora_te2_") for k in tensors)
+
+
+def test_evaluation_and_samples_turn_lora_dropout_off_in_the_text_encoders_too(tmp_path, monkeypatch):
+    """LoRA dropout is off while evaluating and sampling (text-encoder LoRA included), then back on."""
+    import trainer.samples as samples
+
+    t = Trainer(tiny_config(tmp_path, steps=1, train_text_encoder=True, network_dropout=0.5, cache_text="off",
+                            eval_every=1, sample_prompts=["a cat"]))
+    t.setup()
+    try:
+        with torch.no_grad():  # non-zero up weights, so dropout would change the output
+            for m in t.network.loras.values():
+                m.lora_up.weight.normal_(std=0.5)
+        te_loras = [m for n, m in t.network.loras.items() if n.startswith("lora_te")]
+        assert te_loras and all(m.training for m in te_loras)
+        assert t.evaluate() == t.evaluate()
+        seen = []
+        monkeypatch.setattr(samples, "generate_samples",
+                            lambda *a, **k: seen.append([m.training for m in t.network.loras.values()]) or [])
+        t.sample()
+        assert seen == [[False] * len(t.network.loras)]
+        assert all(m.training for m in t.network.loras.values()) and t.model.unet.training
+    finally:
+        t.close()

@@ -5,6 +5,7 @@ data builder are reached through Trainer._load_model/_build_data so a subclass c
 benchmark feeds a random full-size UNet and synthetic latents that way).
 """
 
+import contextlib
 import inspect
 import logging
 import os
@@ -105,6 +106,19 @@ def prepare_model(cfg, m) -> None:
             for te in (m.te1, m.te2):
                 te.gradient_checkpointing_enable()
     m.unet.train()  # checkpointing acts only in train mode; SDXL's UNet has no dropout to switch on
+
+
+@contextlib.contextmanager
+def evaluating(t):
+    """UNet and every LoRA module (the text encoders' too, created after the encoders went to eval) in eval
+    mode, so LoRA dropout is off for evaluation and samples; back to training afterwards."""
+    t.model.unet.eval()
+    t.network.eval()
+    try:
+        yield
+    finally:
+        t.model.unet.train()
+        t.network.train()
 
 
 def offload(device: torch.device, *modules) -> None:

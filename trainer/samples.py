@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write
-from .build import offload, onload
+from .build import evaluating, offload, onload
 
 log = logging.getLogger("emolora.train")
 
@@ -52,10 +52,9 @@ def sample_during_training(trainer) -> list:
     t, cfg, m = trainer, trainer.cfg, trainer.model
     devices = [t.device] if t.device.type == "cuda" else []
     onload(t.device, m.vae, m.te1, m.te2)
-    m.unet.eval()
     try:
         # Forked RNG: sampling must not shift the training run's random stream (resume stays exact).
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), evaluating(t):
             paths = generate_samples(m, prompts=cfg.sample_prompts, negative=cfg.sample_negative,
                                      steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
                                      size=cfg.sample_size or cfg.resolution, seed=cfg.sample_seed,
@@ -65,7 +64,6 @@ def sample_during_training(trainer) -> list:
         t.store.event(t.step, "sample_failed", {"error": repr(e)})
         return []
     finally:
-        m.unet.train()
         if cfg.cache_latents != "off":
             offload(t.device, m.vae)
         if cfg.cache_text != "off" and not cfg.train_text_encoder:

@@ -356,14 +356,10 @@ class Trainer:
         noise = torch.randn(latents.shape, generator=g).to(self.device)
         t = ts.repeat_interleave(n).to(self.device)
         rep = len(ts)
-        unet = self.model.unet
-        unet.eval()  # LoRA dropout follows the UNet's training flag
-        try:
+        with build.evaluating(self):
             loss = self._loss(latents, noise, t, b.prompt_embeds.to(self.device).repeat(rep, 1, 1),
                               b.pooled.to(self.device).repeat(rep, 1), b.time_ids.to(self.device).repeat(rep, 1),
                               snr_weighting=False)
-        finally:
-            unet.train()
         return float(loss)
 
     def sample(self) -> list:
