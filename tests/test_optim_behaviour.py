@@ -344,3 +344,15 @@ def test_create_optimizer_and_takes_loss():
     with pytest.raises(ValueError, match="unknown optimizer 'EmoNope'"):
         create_optimizer("EmoNope", params)
     assert set(OPTIMIZER_INFO) == set(OPTIMIZERS) | {"AdamW"}
+
+
+def test_reading_the_metadata_does_not_import_torch():
+    """The nodes and the panel read OPTIMIZER_INFO at start-up; the optimizers (and torch) load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer.optim as o; n = len(o.OPTIMIZER_INFO); assert 'torch' not in sys.modules, 'torch'; "
+            "assert len(o.OPTIMIZERS) == 13 and 'torch' in sys.modules; print(n)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=__file__.rsplit("/tests/", 1)[0])
+    assert out.returncode == 0 and out.stdout.strip() == "14", out.stderr

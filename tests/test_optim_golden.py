@@ -1,5 +1,6 @@
 """The upstream reference trajectories (../shared/golden): every optimizer follows upstream's numbers."""
 
+import functools
 import glob
 import os
 import subprocess
@@ -36,6 +37,6 @@ def test_golden_check_script_passes_all_cases(golden_dir):
 def test_golden_cases_in_both_execution_modes(golden_dir, foreach):
     import check
 
-    registry = {name: (lambda cls: lambda *a, **k: cls(*a, foreach=foreach, **k))(cls) for name, cls in OPTIMIZERS.items()}
+    registry = {name: functools.partial(cls, foreach=foreach) for name, cls in OPTIMIZERS.items()}
     failures = [f"{os.path.basename(p)}: {r}" for p in cases(golden_dir) if (r := check.run_case(p, registry))]
     assert not failures

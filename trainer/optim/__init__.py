@@ -7,47 +7,17 @@
 """
 
 from ._info import OPTIMIZER_INFO, OptimizerInfo
-from .autotrustgo import AutoTrustGO
-from .emoairy import EmoAiry
-from .emocats import EmoCats
-from .emoclan import EmoClan
-from .emofact import EmoFact
-from .emolynx import EmoLynx
-from .emonavi import EmoNavi
-from .emoneco import EmoNeco
-from .emopulse import EmoPulseScheduler
-from .emosens import EmoSens
-from .emotion import EmoTion
-from .emovoid import EmoVoid
-from .emozeal import EmoZeal
-from .refadamw import RefAdamWminiScheduleFree
 
-OPTIMIZERS = {cls.__name__: cls for cls in (
-    EmoNavi, EmoFact, EmoLynx, EmoClan, EmoZeal, EmoNeco, EmoSens, EmoAiry, EmoCats, EmoTion, EmoVoid,
-    RefAdamWminiScheduleFree, AutoTrustGO,
-)}
-
-__all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "EmoPulseScheduler", "create_optimizer", "takes_loss",
-           *OPTIMIZERS]
+__all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "EmoPulseScheduler", "create_optimizer", "takes_loss"]
 
 
-def create_optimizer(name: str, params, **kwargs):
-    """Build an optimizer by registry name (or "AdamW" for torch's) with upstream keyword arguments."""
-    if name == "AdamW":
-        import torch
+def __getattr__(name):
+    """Everything but the metadata loads on first use, so `import trainer.optim` stays torch-free (the
+    ComfyUI nodes and the panel read OPTIMIZER_INFO at start-up)."""
+    import importlib
 
-        return torch.optim.AdamW(params, **kwargs)
+    _registry = importlib.import_module(f"{__name__}._registry")  # not `from . import`: that calls back here
     try:
-        cls = OPTIMIZERS[name]
-    except KeyError:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of: AdamW, {', '.join(OPTIMIZERS)}") from None
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])
-    return cls(params, **kwargs)
-
-
-def takes_loss(opt) -> bool:
-    """True for our optimizers: their step() wants the real loss as loss=."""
-    from ._base import EmoOptimizer
-
-    return isinstance(opt, EmoOptimizer)
+        return getattr(_registry, name)
+    except AttributeError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None

@@ -1,0 +1,45 @@
+"""EmoLoRA Dataset: a kohya-style folder, or ComfyUI IMAGE batches with captions; resolution and bucket options.
+Scans right away so the image count and the skipped files show on the node before any model is loaded."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ._common import CATEGORY, DATASET_TYPE, PREFIX
+from .dataset_spec import build_dataset, describe
+
+DatasetType = io.Custom(DATASET_TYPE)
+
+
+class EmoLoRADataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=PREFIX + "Dataset",
+            display_name="EmoLoRA Dataset",
+            category=CATEGORY,
+            description="Training images: a folder (kohya conventions: N_name subfolders for repeats, .txt/.caption "
+                        "captions) or IMAGE batches with captions. Shows the image count and the skipped files.",
+            inputs=[
+                io.String.Input("folder", default="", tooltip="Absolute path, or relative to ComfyUI's input "
+                                                               "folder. Ignored when images are connected."),
+                io.Int.Input("resolution", default=1024, min=256, max=4096, step=64),
+                io.Boolean.Input("enable_buckets", default=True, tooltip="Aspect-ratio buckets."),
+                io.Int.Input("bucket_step", default=64, min=32, max=256, step=32),
+                io.Int.Input("default_repeats", default=1, min=1, max=1000,
+                             tooltip="Repeats for images outside an N_name folder."),
+                io.Boolean.Input("flip_aug", default=False),
+                io.Image.Input("images", optional=True, tooltip="IMAGE batch to train on instead of a folder."),
+                io.String.Input("captions", optional=True, multiline=True, default="",
+                                tooltip="With images: one caption per line (one per image), or one for all."),
+            ],
+            outputs=[DatasetType.Output("dataset", display_name="dataset"),
+                     io.Int.Output("image_count", display_name="image_count")],
+        )
+
+    @classmethod
+    def execute(cls, folder, resolution, enable_buckets, bucket_step, default_repeats, flip_aug, images=None,
+                captions="") -> io.NodeOutput:
+        spec = build_dataset(folder, resolution, enable_buckets, bucket_step, default_repeats, flip_aug,
+                             images=images, captions=captions or "")
+        return io.NodeOutput(spec, spec.images, ui=ui.PreviewText(describe(spec)))

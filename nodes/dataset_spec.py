@@ -1,0 +1,74 @@
+"""The Dataset node's logic, free of ComfyUI imports (unit-testable): a folder or an IMAGE batch -> a scanned,
+validated DatasetSpec."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ._common import DatasetSpec, EmoLoRAError, fail, freeze_settings, resolve_input_path
+
+
+def images_to_folder(images, captions: str, root: str) -> str:
+    """Write an IMAGE batch [B,H,W,C] float 0..1 as PNG + .txt captions into a content-addressed folder."""
+    import numpy as np
+    from PIL import Image
+
+    arr = (images.detach().cpu().float().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    lines = [c.strip() for c in (captions or "").splitlines() if c.strip()]
+    if len(lines) not in (0, 1, arr.shape[0]):
+        raise EmoLoRAError(f"EmoLoRA Dataset: {arr.shape[0]} images but {len(lines)} caption lines; give one "
+                           "caption per image (one per line), a single caption for all, or none")
+    digest = hashlib.sha256(arr.tobytes() + "\n".join(lines).encode()).hexdigest()[:16]
+    folder = os.path.join(root, f"images-{digest}")
+    if os.path.isfile(os.path.join(folder, ".complete")):
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    for i, img in enumerate(arr):
+        if img.shape[-1] == 1:
+            img = img[..., 0]
+        Image.fromarray(img[..., :3] if img.ndim == 3 else img).save(os.path.join(folder, f"{i:05d}.png"))
+        caption = lines[i] if len(lines) == arr.shape[0] else (lines[0] if lines else "")
+        with open(os.path.join(folder, f"{i:05d}.txt"), "w", encoding="utf-8") as f:
+            f.write(caption)
+    open(os.path.join(folder, ".complete"), "w").close()
+    return folder
+
+
+def build_dataset(folder: str, resolution: int, enable_buckets: bool, bucket_step: int, default_repeats: int,
+                  flip_aug: bool, images=None, captions: str = "", images_root: str | None = None) -> DatasetSpec:
+    from ..trainer.config import ConfigError, TrainConfig
+    from ..trainer.data import DatasetError, scan_dataset
+
+    if images is not None:
+        if images_root is None:
+            import folder_paths
+
+            images_root = os.path.join(folder_paths.get_temp_directory(), "emolora_datasets")
+        path = images_to_folder(images, captions, images_root)
+    else:
+        if not folder or not folder.strip():
+            raise EmoLoRAError("EmoLoRA Dataset: give a folder (absolute, or relative to ComfyUI's input folder) "
+                               "or connect IMAGE batches")
+        path = resolve_input_path(folder)
+    settings = {"resolution": int(resolution), "enable_buckets": bool(enable_buckets),
+                "bucket_step": int(bucket_step), "default_repeats": int(default_repeats), "flip_aug": bool(flip_aug)}
+    try:
+        TrainConfig(**settings).validate(require_paths=False)
+        items, report = scan_dataset(path, default_repeats=int(default_repeats))
+    except (ConfigError, DatasetError) as e:
+        raise fail("Dataset", e) from None
+    skipped = tuple(f"{line.path}: {line.reason}" for line in report.lines if line.action == "skipped")
+    return DatasetSpec(folder=str(path), images=len(items), samples_per_epoch=report.samples_per_epoch,
+                       skipped=skipped, settings=freeze_settings(settings))
+
+
+def describe(spec: DatasetSpec) -> str:
+    text = f"{spec.images} images ({spec.samples_per_epoch} samples per epoch) in {spec.folder}"
+    if spec.skipped:
+        text += f"\nskipped {len(spec.skipped)}:\n" + "\n".join(spec.skipped[:50])
+        if len(spec.skipped) > 50:
+            text += f"\n... and {len(spec.skipped) - 50} more"
+    else:
+        text += "\nskipped: none"
+    return text

@@ -1,0 +1,171 @@
+"""The Trainer node's logic, free of ComfyUI imports at module level (unit-testable with the tiny model): build
+the TrainConfig from the specs and train, reporting progress and throttled telemetry.
+
+Host contract (research comfyui-host.md §2): the prompt runs under torch.inference_mode() on the prompt_worker
+thread; each ProgressBar update is also the interrupt check (it raises InterruptProcessingException when Cancel was
+pressed). The trainer core turns an exception raised from on_step into "save the LoRA and the state, mark the run
+stopped, re-raise", so Cancel leaves a loadable LoRA and ComfyUI still marks the prompt interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+
+from ._common import (
+    TELEMETRY_EVENT,
+    DatasetSpec,
+    EmoLoRAError,
+    OptimizerSpec,
+    Throttle,
+    fail,
+    send_event,
+)
+
+log = logging.getLogger("emolora.nodes")
+
+PRECISIONS = {"auto": "auto", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+EVENT_INTERVAL_S = 0.25  # at most ~4 telemetry events per second
+EVENT_FIELDS = ("loss", "lr", "emo_scalar", "emo_pulse", "effective_lr", "trust", "grad_norm", "steps_per_s",
+                "eval_loss", "lr_scale", "confidence_mean")
+_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_output_name(name: str) -> str:
+    stem = _NAME_RE.sub("_", (name or "").strip()).strip("._")
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    return stem or "emolora"
+
+
+def unique_lora_path(lora_dir: str, stem: str) -> str:
+    """<stem>_00001.safetensors, the first counter not taken (never overwrites an earlier LoRA)."""
+    os.makedirs(lora_dir, exist_ok=True)
+    n = 1
+    while True:
+        path = os.path.join(lora_dir, f"{stem}_{n:05d}.safetensors")
+        if not os.path.exists(path):
+            return path
+        n += 1
+
+
+def event_payload(rec: dict, node_id, optimizer: str) -> dict:
+    out = {"node": str(node_id) if node_id is not None else None, "optimizer": optimizer,
+           "step": int(rec.get("step", 0)), "steps_total": int(rec.get("steps_total", 0)),
+           "should_stop": bool(rec.get("should_stop", False))}
+    for k in EVENT_FIELDS:
+        v = rec.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v) if math.isfinite(v) else None  # NaN is not JSON the browser can parse
+    return out
+
+
+def free_comfy_models() -> None:
+    try:
+        import comfy.model_management as mm
+
+        mm.unload_all_models()
+        mm.soft_empty_cache()
+    except Exception as e:  # outside ComfyUI
+        log.debug("could not free ComfyUI's models: %r", e)
+
+
+def comfy_device() -> str:
+    try:
+        import comfy.model_management as mm
+
+        return str(mm.get_torch_device())
+    except Exception:
+        return "auto"
+
+
+def expected_errors() -> tuple:
+    from ..trainer.config import ConfigError
+    from ..trainer.data import DatasetError, ImageError
+    from ..trainer.model import LoRAError, ModelError
+
+    return ConfigError, DatasetError, ImageError, ModelError, LoRAError
+
+
+def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerSpec, lora_dir: str, runs_dir: str,
+                 cache_dir: str, output_name: str, node_id=None, progress=None, device: str = "auto",
+                 **options) -> dict:
+    """Build the TrainConfig and train. progress(step, total) may raise to stop (the LoRA is saved first).
+    Returns {lora_path, lora_name, run_dir, steps_done, stop_reason}."""
+    import torch
+
+    from ..trainer.config import build_config
+    from ..trainer.train import train
+
+    if not isinstance(optimizer, OptimizerSpec):
+        raise EmoLoRAError("EmoLoRA Trainer: 'optimizer' must come from an EmoLoRA Optimizer node")
+    if not isinstance(dataset, DatasetSpec):
+        raise EmoLoRAError("EmoLoRA Trainer: 'dataset' must come from an EmoLoRA Dataset node")
+    errors = expected_errors()
+    output = unique_lora_path(lora_dir, safe_output_name(output_name))
+    overrides = {**optimizer.overrides(), **dataset.overrides(), **options, "model": checkpoint, "output": output,
+                 "runs_dir": runs_dir, "cache_dir": cache_dir, "device": device}
+    try:
+        config = build_config(presets=list(optimizer.presets), overrides=overrides)
+    except errors as e:
+        raise fail("Trainer", e) from None
+    throttle = Throttle(EVENT_INTERVAL_S)
+
+    stop_types: list = []  # the exception class the progress callback raised (ComfyUI's Cancel)
+
+    def on_step(rec: dict) -> None:
+        last = rec["step"] >= rec["steps_total"]
+        if throttle.ready(force=last or rec["step"] == 1):
+            send_event(TELEMETRY_EVENT, {**event_payload(rec, node_id, config.optimizer), "run_dir": rec["run_dir"],
+                                         "status": "running"})
+        if progress is not None:
+            try:
+                progress(rec["step"], rec["steps_total"])  # raises InterruptProcessingException on Cancel
+            except BaseException as e:
+                stop_types.append(type(e))
+                raise
+
+    node = str(node_id) if node_id is not None else None
+    send_event(TELEMETRY_EVENT, {"node": node, "status": "starting", "step": 0, "steps_total": config.steps,
+                                 "optimizer": config.optimizer})
+    failure: BaseException | None = None
+    cancelled: type | None = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            result = train(config, on_step=on_step)
+    except errors as e:
+        failure = fail("Trainer", e)
+    except BaseException as e:
+        if not (stop_types and type(e) is stop_types[-1]):
+            send_event(TELEMETRY_EVENT, {"node": node, "status": "failed"})
+            raise  # unexpected: keep the full traceback
+        cancelled = type(e)
+    # Raised outside the except blocks: the original exception's traceback would otherwise keep the trainer (and
+    # its multi-GB model) alive for as long as ComfyUI keeps the error around.
+    if failure is not None or cancelled is not None:
+        import gc
+
+        gc.collect()
+    if failure is not None:
+        send_event(TELEMETRY_EVENT, {"node": node, "status": "failed", "error": str(failure)})
+        raise failure
+    if cancelled is not None:
+        send_event(TELEMETRY_EVENT, {"node": node, "status": "interrupted", "lora": os.path.basename(output)})
+        try:
+            fresh = cancelled()
+        except Exception:
+            fresh = RuntimeError(f"EmoLoRA Trainer: cancelled ({cancelled.__name__}); the LoRA so far is saved as "
+                                 f"{os.path.basename(output)}")
+        raise fresh
+    if not result.lora_path:
+        raise EmoLoRAError(f"EmoLoRA Trainer: the run ended ({result.stop_reason}) without saving a LoRA; see "
+                           f"{result.run_dir}")
+    send_event(TELEMETRY_EVENT, {"node": node, "status": "done",
+                                 "step": result.steps_done, "steps_total": config.steps,
+                                 "stop_reason": result.stop_reason, "lora": os.path.basename(result.lora_path),
+                                 "run_dir": result.run_dir})
+    rel = os.path.relpath(result.lora_path, lora_dir)
+    return {"lora_path": result.lora_path, "lora_name": rel.replace(os.sep, "/"), "run_dir": result.run_dir,
+            "steps_done": result.steps_done, "stop_reason": result.stop_reason}

@@ -1,0 +1,245 @@
+"""The ComfyUI node pack without a ComfyUI: import cost, the specs' validation, the dataset scan, the telemetry
+chart, the trainer wrapper (tiny model; Cancel leaves a saved LoRA) and the example workflow's shape."""
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACK = "emolora_pack_under_test"
+
+
+def load_pack():
+    """Import the repository as a package the way ComfyUI does (custom_nodes/<folder>/__init__.py)."""
+    if PACK in sys.modules:
+        return sys.modules[PACK]
+    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[PACK] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sub(name: str):
+    load_pack()
+    return importlib.import_module(f"{PACK}.{name}")
+
+
+def test_pack_import_is_light_and_exports_the_entrypoint():
+    code = f"""
+import importlib.util, inspect, sys, time
+t0 = time.perf_counter()
+spec = importlib.util.spec_from_file_location("emolora", {str(ROOT / "__init__.py")!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+mod = importlib.util.module_from_spec(spec); sys.modules["emolora"] = mod; spec.loader.exec_module(mod)
+dt = time.perf_counter() - t0
+heavy = [m for m in ("torch", "diffusers", "transformers", "gradio", "comfy", "server", "folder_paths", "nodes")
+         if m in sys.modules]
+assert not heavy, heavy
+assert mod.WEB_DIRECTORY == "./web/js"
+assert inspect.iscoroutinefunction(mod.comfy_entrypoint)
+assert not hasattr(mod, "NODE_CLASS_MAPPINGS")  # it would make ComfyUI ignore comfy_entrypoint
+print(dt)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 0.5
+    assert (ROOT / "web" / "js" / "emolora.js").is_file()
+
+
+def test_node_modules_import_only_relative_and_lazily():
+    banned = ("import comfy", "from comfy.", "import folder_paths", "from server", "import server", "import nodes",
+              "from nodes", "from trainer", "import trainer")
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.startswith(banned):  # module level only; inside functions (indented) is lazy and allowed
+                pytest.fail(f"{path.name}:{n}: top-level host/absolute import: {line}")
+
+
+# ---- Optimizer spec --------------------------------------------------------------------------------------------
+def _spec(optimizer, **kw):
+    args = dict(preset="auto (the optimizer's own)", lr=0.0, emopulse_scale=1.0, beta1=-1.0, beta2=-1.0,
+                weight_decay=-1.0, use_shadow=False, trust_level=0.4, emopulse_scheduler=False,
+                lr_scheduler="constant", warmup_steps=0)
+    args.update(kw)
+    return sub("nodes.optimizer_spec").build_spec(optimizer, **args)
+
+
+def test_every_optimizer_builds_a_valid_immutable_spec():
+    from trainer.config import OPTIMIZER_NAMES, build_config
+
+    common = sub("nodes._common")
+    assert common.optimizer_names()[0] == "AdamW"
+    assert set(common.optimizer_names()) == set(OPTIMIZER_NAMES)
+    for name in OPTIMIZER_NAMES:
+        spec = _spec(name)
+        assert hash(spec) and spec.optimizer == name
+        cfg = build_config(presets=list(spec.presets), overrides={**spec.overrides(), "model": "m", "data": "d",
+                                                                   "output": "o.safetensors"}, validate=False)
+        assert cfg.optimizer == name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            spec.optimizer = "x"
+
+
+def test_optimizer_family_parameters():
+    err = sub("nodes._common").EmoLoRAError
+    s = _spec("EmoSens", emopulse_scale=0.5, lr=0.1).overrides()
+    assert s["lr"] == 0.5  # the EmoSens line's lr is the emoPulse scale
+    s = _spec("AutoTrustGO", trust_level=0.8).overrides()
+    assert s["optimizer_args"]["trust_level"] == 0.8
+    s = _spec("EmoNavi", lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, use_shadow=True).overrides()
+    assert s["optimizer_args"] == {"betas": [0.9, 0.99], "weight_decay": 0.0, "use_shadow": True}
+    s = _spec("AdamW", emopulse_scheduler=True, emopulse_scale=2.0).overrides()
+    assert s["lr_scheduler"] == "emopulse" and s["scheduler_args"] == {"base_lr": 2.0}
+    with pytest.raises(err, match="takes no betas"):
+        _spec("AutoTrustGO", beta1=0.9, beta2=0.99)
+    with pytest.raises(err, match="no shadow"):
+        _spec("AdamW", use_shadow=True)
+    with pytest.raises(err, match="already takes its step size"):
+        _spec("EmoCats", emopulse_scheduler=True)
+    with pytest.raises(err, match="is for AutoTrustGO"):
+        _spec("EmoNavi", preset="autotrustgo-bold")
+    assert _spec("AutoTrustGO", preset="autotrustgo-bold").presets == ("autotrustgo-bold",)
+
+
+# ---- Dataset spec ----------------------------------------------------------------------------------------------
+def test_dataset_from_folder_counts_and_reports_skips(tmp_path):
+    from PIL import Image
+
+    ds = sub("nodes.dataset_spec")
+    (tmp_path / "3_cat").mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 100, 0, 0)).save(tmp_path / "3_cat" / f"{i}.png")
+    (tmp_path / "3_cat" / "broken.png").write_bytes(b"not a png")
+    spec = ds.build_dataset(str(tmp_path), 512, True, 64, 1, False)
+    assert spec.images == 2 and spec.samples_per_epoch == 6
+    assert len(spec.skipped) == 1 and "broken.png" in spec.skipped[0]
+    assert "skipped 1" in ds.describe(spec)
+    assert spec.overrides()["resolution"] == 512 and spec.overrides()["data"] == str(tmp_path)
+    with pytest.raises(sub("nodes._common").EmoLoRAError, match="^EmoLoRA Dataset: data folder not found"):
+        ds.build_dataset(str(tmp_path / "missing"), 512, True, 64, 1, False)
+
+
+def test_dataset_from_image_batch(tmp_path):
+    import torch
+
+    ds = sub("nodes.dataset_spec")
+    images = torch.rand(3, 64, 48, 3)
+    spec = ds.build_dataset("", 256, True, 64, 1, False, images=images, captions="a\nb\nc", images_root=str(tmp_path))
+    assert spec.images == 3
+    folder = Path(spec.folder)
+    assert sorted(p.read_text() for p in folder.glob("*.txt")) == ["a", "b", "c"]
+    again = ds.build_dataset("", 256, True, 64, 1, False, images=images, captions="a\nb\nc",
+                             images_root=str(tmp_path))
+    assert again == spec  # content-addressed: the same batch is the same folder
+    with pytest.raises(sub("nodes._common").EmoLoRAError, match="3 images but 2 caption lines"):
+        ds.build_dataset("", 256, True, 64, 1, False, images=images, captions="a\nb", images_root=str(tmp_path))
+
+
+# ---- Telemetry -------------------------------------------------------------------------------------------------
+def test_telemetry_plot_from_a_run(tmp_path):
+    from trainer.runstore import RunStore
+
+    store = RunStore(tmp_path / "run")
+    store.set_meta(optimizer="EmoNavi", run_name="run", status="finished")
+    for step in range(1, 21):
+        store.log_step(step, {"loss": 0.2 - step * 0.003, "emo_scalar": 0.1 * (-1) ** step, "lr": 1e-4,
+                              "effective_lr": 1e-4 * step, "trust": 0.5, "should_stop": False})
+    store.close()
+    img = sub("nodes.plot").telemetry_image(str(tmp_path / "run"))
+    assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and img.shape[2] == 768
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    assert sub("nodes.plot").pick_series([{"step": 1, "loss": 1.0}], None)[0] == "loss"
+    one = sub("nodes.plot").render([{"step": 1, "loss": 0.5}], "AdamW")  # a single point, constant series
+    assert one.size[0] == 768
+
+
+def test_event_payload_is_json_safe():
+    training = sub("nodes.training")
+    payload = training.event_payload({"step": 3, "steps_total": 9, "loss": float("nan"), "emo_scalar": 0.25,
+                                      "should_stop": False, "lr": 1e-4}, "7", "EmoNavi")
+    json.dumps(payload, allow_nan=False)
+    assert payload["loss"] is None and payload["emo_scalar"] == 0.25 and payload["node"] == "7"
+    throttle = sub("nodes._common").Throttle(10.0)
+    assert throttle.ready() and not throttle.ready() and throttle.ready(force=True)
+    assert training.safe_output_name("../my lora.safetensors") == "my_lora"
+
+
+@pytest.mark.slow
+def test_run_training_tiny_model_and_cancel_saves_the_lora(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from trainer.model import tiny_model_path
+
+    common, training = sub("nodes._common"), sub("nodes.training")
+    events = []
+    monkeypatch.setattr(training, "send_event", lambda name, data: events.append((name, data)))
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("tiny")
+    dataset = sub("nodes.dataset_spec").build_dataset(str(tmp_path), 64, False, 64, 1, False)
+    optimizer = _spec("EmoNavi")
+    kw = dict(checkpoint=tiny_model_path(), dataset=dataset, optimizer=optimizer, lora_dir=str(tmp_path / "loras"),
+              runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), node_id="3", device="cpu",
+              rank=4, steps=3, mixed_precision="no", gradient_checkpointing=False)
+    seen = []
+    out = training.run_training(output_name="ok", progress=lambda s, t: seen.append((s, t)), **kw)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert out["lora_name"] == "ok_00001.safetensors" and Path(out["lora_path"]).is_file()
+    assert out["stop_reason"] == "finished"
+    statuses = [d["status"] for n, d in events if n == common.TELEMETRY_EVENT]
+    assert statuses[0] == "starting" and statuses[-1] == "done" and "running" in statuses
+
+    class Cancelled(Exception):  # stands in for ComfyUI's InterruptProcessingException
+        pass
+
+    def cancel_at_2(step, total):
+        if step == 2:
+            raise Cancelled()
+
+    events.clear()
+    with pytest.raises(Cancelled):
+        training.run_training(output_name="ok", progress=cancel_at_2, **{**kw, "steps": 50})
+    saved = tmp_path / "loras" / "ok_00002.safetensors"
+    assert saved.is_file()  # the next free name; the earlier LoRA is never overwritten
+    assert events[-1][1]["status"] == "interrupted"
+    with pytest.raises(common.EmoLoRAError, match="^EmoLoRA Trainer: .*not an SDXL-family checkpoint"):
+        bad = tmp_path / "bad.safetensors"
+        import torch
+        from safetensors.torch import save_file
+
+        save_file({"cond_stage_model.transformer.x": torch.zeros(2), "model.diffusion_model.y": torch.zeros(2)},
+                  str(bad))
+        training.run_training(output_name="bad", progress=None, **{**kw, "checkpoint": str(bad)})
+
+
+# ---- Example workflow ------------------------------------------------------------------------------------------
+def test_example_workflow_is_train_then_load_then_sample():
+    wf = json.loads((ROOT / "example_workflows" / "emolora_train_then_sample.json").read_text())
+    types = {n["id"]: n["type"] for n in wf["nodes"]}
+    for t in ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA", "KSampler",
+              "SaveImage", "EmoLoRA_TelemetryPlot"):
+        assert t in types.values(), t
+    edges = {(types[lk[1]], types[lk[3]]) for lk in wf["links"]}
+    assert ("EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA") in edges
+    assert ("EmoLoRA_LoadTrainedLoRA", "KSampler") in edges
+    ids = {lk[0] for lk in wf["links"]}
+    for n in wf["nodes"]:
+        for inp in n.get("inputs", []):
+            assert inp["link"] is None or inp["link"] in ids
+
+
+def test_a_node_with_a_missing_dependency_is_left_out_with_a_reason(monkeypatch, caplog):
+    nodes = sub("nodes")
+    monkeypatch.setattr(nodes, "NODE_MODULES", (("_common", "NoSuchNode", None),
+                                                ("_common", "Throttle", "no_such_check")))
+    monkeypatch.setattr(nodes, "UNAVAILABLE", {})
+    with caplog.at_level("WARNING", logger="emolora"):
+        assert nodes.load_nodes() == []
+    assert set(nodes.UNAVAILABLE) == {"NoSuchNode", "Throttle"}
+    assert "node NoSuchNode is unavailable" in caplog.text

