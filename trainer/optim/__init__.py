@@ -11,9 +11,15 @@ from ._info import OPTIMIZER_INFO, OptimizerInfo
 __all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "EmoPulseScheduler", "create_optimizer", "takes_loss"]
 
 
+_LAZY = {"OPTIMIZERS", "EmoPulseScheduler", "create_optimizer", "takes_loss"} | set(OPTIMIZER_INFO) - {"AdamW"}
+
+
 def __getattr__(name):
     """Everything but the metadata loads on first use, so `import trainer.optim` stays torch-free (the
-    ComfyUI nodes and the panel read OPTIMIZER_INFO at start-up)."""
+    ComfyUI nodes and the panel read OPTIMIZER_INFO at start-up). Other names (submodules being imported)
+    take the normal path."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     import importlib
 
     _registry = importlib.import_module(f"{__name__}._registry")  # not `from . import`: that calls back here

@@ -11,35 +11,47 @@ import torch
 from ._base import EmoOptimizer
 
 
-def trust_rule(p, g, st, lr, T, beta, eps, cap, thr, mask_ema, flip_ema, acc):
-    sign_g = torch.sign(g).to(torch.int8)
-    acc["flip"] += (sign_g != st["prev_sign"]).float().mean().double()
+def _step_consts(dtype, lr, thr, mask_ema, flip_ema):
+    """The 0-dim factors every tensor of a group shares in one step, computed once (same ops, same values)."""
+    floor = (0.08 + 0.22 * (1.0 - mask_ema)).to(dtype)
+    return {"lr": lr.to(dtype), "thr": thr.to(dtype), "temp": (0.15 + 0.2 * (1.0 - mask_ema)).to(dtype),
+            "floor": floor, "one_minus_floor": 1.0 - floor, "conf_decay": (1.0 - 0.3 * flip_ema).to(dtype),
+            "flip04": 0.4 * flip_ema}
+
+
+def trust_rule(p, g, st, lr, T, beta, eps, cap, thr, mask_ema, flip_ema, acc, consts):
+    c = consts.get(g.dtype)
+    if c is None:
+        c = consts[g.dtype] = _step_consts(g.dtype, lr, thr, mask_ema, flip_ema)
+    s = torch.sign(g)  # {-1, 0, +1} (+0 for zeros and NaN): bitwise sign(g).to(int8).to(g.dtype)
+    sign_g = s.to(torch.int8)
+    flip = sign_g != st["prev_sign"]
+    acc["flip"].add_(torch.count_nonzero(flip).to(torch.float32).div_(flip.numel()))  # == flip.float().mean()
     st["prev_sign"].copy_(sign_g)
-    mag = g.abs()
-    rank = mag / (mag.mean() + eps)
-    conf_rank = (rank / (rank + 1.0)).clamp_(max=0.85)
+    rank = g.abs()
+    rank.div_(rank.mean() + eps)
+    conf_rank = rank + 1.0
+    torch.div(rank, conf_rank, out=conf_rank).clamp_(max=0.85)
     consensus = st["consensus"]
-    consensus.add_(sign_g.to(conf_rank.dtype) * conf_rank).clamp_(-cap, cap)
-    conf_stab = (consensus.abs() / cap).clamp_(max=1.0)
-    confidence = conf_rank * (0.6 + 0.4 * conf_stab)
-    confidence *= (1.0 - 0.3 * flip_ema).to(confidence.dtype)
-    high_conf = (confidence > 0.6).float().mean()
+    consensus.addcmul_(s, conf_rank).clamp_(-cap, cap)  # s * conf_rank is exact: one rounding, as add_(s * conf_rank)
+    confidence = consensus.abs().div_(cap).clamp_(max=1.0)  # conf_stab, then in place:
+    confidence.mul_(0.4).add_(0.6).mul_(conf_rank).mul_(c["conf_decay"])  # conf_rank * (0.6 + 0.4 * conf_stab) * decay
+    high_conf = torch.count_nonzero(confidence > 0.6).to(torch.float32).div_(confidence.numel())
     consensus.mul_((1.0 - 0.02 * high_conf * flip_ema).to(consensus.dtype))
-    gate = torch.sigmoid((rank - thr.to(rank.dtype)) / (0.15 + 0.2 * (1.0 - mask_ema)).to(rank.dtype))
-    floor = (0.08 + 0.22 * (1.0 - mask_ema)).to(gate.dtype)
-    mask = floor + (1.0 - floor) * gate
+    mask = rank.sub_(c["thr"]).div_(c["temp"]).sigmoid_()  # the gate, in rank's buffer
+    mask.mul_(c["one_minus_floor"]).add_(c["floor"])  # floor + (1 - floor) * gate
     mask_ratio = mask.mean()
-    acc["mask"] += mask_ratio.double()
+    acc["mask"].add_(mask_ratio)  # float64 accumulator: the same double add as += mask_ratio.double()
     m = st["momentum"]
     m.mul_(beta).add_(g)
-    d = (g + beta * m) * mask
+    d = m.mul(beta).add_(g).mul_(mask)  # (g + beta * m) * mask
     norm = d.norm()
-    danger = 0.6 * (norm / (norm + 1.0)) + 0.4 * flip_ema
+    danger = 0.6 * (norm / (norm + 1.0)) + c["flip04"]
     local_trust = T * (0.4 + 0.4 * mask_ratio)
     d.mul_((1.0 / (1.0 + danger * local_trust * norm)).to(d.dtype))
-    p.sub_(d.mul_(lr.to(d.dtype)))
-    acc["confidence"] += confidence.mean().double()
-    acc["danger"] += danger.double()
+    p.sub_(d.mul_(c["lr"]))
+    acc["confidence"].add_(confidence.mean())
+    acc["danger"].add_(danger)
 
 
 class AutoTrustGO(EmoOptimizer):
@@ -80,7 +92,8 @@ class AutoTrustGO(EmoOptimizer):
             items = self._with_grad(group)
             count += len(items)
             self._apply(trust_rule, items, (), per_tensor=True, lr=group["lr"] * lr_scale, T=T, beta=self.beta,
-                        eps=self.eps, cap=self.consensus_cap, thr=thr, mask_ema=mask_ema, flip_ema=flip_ema, acc=acc)
+                        eps=self.eps, cap=self.consensus_cap, thr=thr, mask_ema=mask_ema, flip_ema=flip_ema, acc=acc,
+                        consts={})
         if count:
             mask_ratio, flip_ratio = acc["mask"] / count, acc["flip"] / count
             self.mask_ema = 0.92 * mask_ema + 0.08 * mask_ratio

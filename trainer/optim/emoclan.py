@@ -29,7 +29,9 @@ def fact_phase(p, g, st, lr, s, wd_lynx, betas, lynx_betas, eps, wd):
         c = g2.mean(dim=0, keepdim=True).add_(eps)
         st["exp_avg_r_fact"].mul_(b1).add_(r.sqrt_(), alpha=1 - b1)
         st["exp_avg_c_fact"].mul_(b1).add_(c.sqrt_(), alpha=1 - b1)
-        update = g / torch.sqrt(st["exp_avg_r_fact"] * st["exp_avg_c_fact"]).add_(eps)
+        update = st["exp_avg_r_fact"] * st["exp_avg_c_fact"]  # float32; one temporary for the whole update
+        update.sqrt_().add_(eps)
+        update = torch.div(g, update, out=update) if torch.result_type(g, update) == update.dtype else g / update
     else:
         m, v = st["exp_avg_fact"], st["exp_avg_sq_fact"]
         m.mul_(b1).add_(g, alpha=1 - b1)

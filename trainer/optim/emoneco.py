@@ -17,9 +17,8 @@ def neco_rule(p, g, st, lr, s, b1, b2, eps, wd):
         norm = torch.norm(g, dtype=torch.float32)
         p.add_(-lr * (softsign(blended) * (norm + eps) * (1 - s)))
     else:  # cautious Lion: step only where the blended direction agrees with the raw gradient's sign
-        direction = blended.sign_()
-        direction.mul_(g.sign().eq_(direction))
-        p.add_(direction, alpha=-lr * (1 - s))
+        direction = blended.sign_()  # direction * agree is in {-1, 0, +1}: one rounding, as p.add_(., alpha)
+        p.addcmul_(direction, g.sign().eq_(direction), value=-lr * (1 - s))
     m.mul_(b2).add_(g, alpha=1.0 - b2)
 
 

@@ -13,18 +13,19 @@ def zeal_matrix_rule(p, g, st, lr, s, b1, b2, eps, wd):
     g2 = g * g
     r = g2.mean(dim=tuple(range(1, g.dim())), keepdim=True).add_(eps)
     c = g2.mean(dim=0, keepdim=True).add_(eps)
-    blended = g.mul(1 - b1)  # + beta1 * exp_avg, which upstream never updates from 0
+    # blended = (1 - beta1) * g (+ beta1 * exp_avg, which upstream never updates from 0), only where a zone uses it
     if s > 0.6:  # cautious: the mask keeps where the blended and raw gradients agree in sign
-        direction = blended.sign()
+        direction = g.mul(1 - b1).sign()
         p.add_(direction * (direction == g.sign()) * (1 - s), alpha=-lr)
     elif s > 0.1:  # softsign step scaled by the whole-tensor gradient norm
         norm = torch.norm(g, dtype=torch.float32)
-        p.add_(-lr * (softsign(blended) * (norm + eps) * (1 - s)))
+        p.add_(-lr * (softsign(g.mul(1 - b1)) * (norm + eps) * (1 - s)))
     st["exp_avg_r"].mul_(b1).add_(r.sqrt_(), alpha=1 - b1)
     st["exp_avg_c"].mul_(b1).add_(c.sqrt_(), alpha=1 - b1)
-    denom = torch.sqrt(st["exp_avg_r"] * st["exp_avg_c"]) + eps
+    update = st["exp_avg_r"] * st["exp_avg_c"]  # one full-size temporary for sqrt(r*c) + eps and g / denom
+    update.sqrt_().add_(eps)
     p.add_(p, alpha=-wd * lr)
-    p.add_(g / denom, alpha=-lr * (1 - s))
+    p.add_(torch.div(g, update, out=update), alpha=-lr * (1 - s))
 
 
 def zeal_vector_rule(p, g, st, lr, s, b1, b2, eps, wd):

@@ -21,10 +21,16 @@ def ref_rule(p, g, st, auto_lr, eps, wd, b1, b2):
     st["step"] += 1
     m.mul_(b1).add_(g, alpha=1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
-    denom = (v.float().sqrt() + eps).to(p.dtype)
+    denom = v.float().sqrt().add_(eps).to(p.dtype)
     if wd != 0:
         p.add_(p, alpha=-wd * auto_lr)
     p.addcdiv_(m, denom, value=-auto_lr)
+
+
+def _inject(p, st, ref_alpha):
+    m = st["exp_avg"].mul_(1 - ref_alpha).add_(p.to(st["exp_avg"].dtype), alpha=ref_alpha)
+    # Elements that never had a gradient (v == 0) would step by ~p/eps: keep their m at 0.
+    m.masked_fill_(st["exp_avg_sq"] == 0, 0.0)
 
 
 def auto_lrs(group, states, norms):
@@ -107,23 +113,7 @@ class RefAdamWminiScheduleFree(EmoOptimizer):
             c["last_loss"] = loss
         c["divergence_steps"] = c["divergence_steps"] + 1 if level else 0
 
-        # All gradient norms in one transfer (upstream reads each back separately), then python-float LRs.
-        groups = [(group, self._with_grad(group)) for group in self.param_groups]
-        grads = [g.to(st["exp_avg"].dtype) for _, items in groups for _, g, st in items]
-        norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)]).tolist() if grads else []
-        lrs, k = [], 0
-        for group, items in groups:
-            group_lrs = auto_lrs(group, [st for _, _, st in items], norms[k:k + len(items)])
-            k += len(items)
-            lrs += group_lrs
-            b1, b2 = group["betas"]
-            for (p, g, st), lr in zip(items, group_lrs):
-                g = g.to(st["exp_avg"].dtype)
-                work = p if p.dtype == g.dtype or st["exp_avg"].dtype != torch.float32 else p.float()
-                ref_rule(work, g, st, auto_lr=lr, eps=group["eps"], wd=group["weight_decay"], b1=b1, b2=b2)
-                if work is not p:
-                    p.copy_(work)
-
+        # The injection decision only needs host values known now; it runs right after each update (cache-hot).
         ref_alpha, progress = 0.0, None
         if loss is not None:
             total = max_steps if max_steps is not None else self.ref_max_steps
@@ -132,15 +122,34 @@ class RefAdamWminiScheduleFree(EmoOptimizer):
                 ds = c["divergence_steps"]
                 ref_alpha = (1.0 if level == 3 or ds >= 3 else 0.8 if level == 2 or ds == 2
                              else 0.6 if level == 1 or ds == 1 else self.ref_alpha)
-            if ref_alpha > 0:
-                log.debug("ref inject: step=%d ref_alpha=%s skip=%s div=%d", c["step"], ref_alpha, c["skip_ema"], level)
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        st = self.state[p] if p in self.state else {}
-                        if "exp_avg" in st:
-                            m = st["exp_avg"].mul_(1 - ref_alpha).add_(p.to(st["exp_avg"].dtype), alpha=ref_alpha)
-                            # Elements that never had a gradient (v == 0) would step by ~p/eps: keep their m at 0.
-                            m.masked_fill_(st["exp_avg_sq"] == 0, 0.0)
+        if ref_alpha > 0:
+            log.debug("ref inject: step=%d ref_alpha=%s skip=%s div=%d", c["step"], ref_alpha, c["skip_ema"], level)
+
+        # All gradient norms in one transfer (upstream reads each back separately), then python-float LRs.
+        groups = [(group, self._with_grad(group)) for group in self.param_groups]
+        grads = [g.to(st["exp_avg"].dtype) for _, items in groups for _, g, st in items]
+        norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)]).tolist() if grads else []
+        lrs, k = [], 0
+        injected = set()
+        for group, items in groups:
+            group_lrs = auto_lrs(group, [st for _, _, st in items], norms[k:k + len(items)])
+            group_grads = grads[k:k + len(items)]
+            k += len(items)
+            lrs += group_lrs
+            b1, b2 = group["betas"]
+            for (p, _, st), lr, g in zip(items, group_lrs, group_grads):
+                work = p if p.dtype == g.dtype or st["exp_avg"].dtype != torch.float32 else p.float()
+                ref_rule(work, g, st, auto_lr=lr, eps=group["eps"], wd=group["weight_decay"], b1=b1, b2=b2)
+                if work is not p:
+                    p.copy_(work)
+                if ref_alpha > 0:
+                    _inject(p, st, ref_alpha)
+                    injected.add(id(p))
+        if ref_alpha > 0:  # parameters with state but no gradient this step are injected too, as before
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if id(p) not in injected and p in self.state and "exp_avg" in self.state[p]:
+                        _inject(p, self.state[p], ref_alpha)
 
         self._publish({"auto_lr_mean": sum(lrs) / len(lrs) if lrs else 0.0,
                        "loss": loss if loss is not None else float("nan"), "ref_alpha": ref_alpha,
