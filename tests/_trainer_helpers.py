@@ -94,17 +94,6 @@ def make_bad_folder(folder):
 
 
 # ---- training helpers (import torch lazily: the data tests above do not need it) ------------------------------
-def one_thread():
-    """Generator for an autouse fixture: one torch thread. On this shared 2-core machine torch's default
-    thread pool spins against other processes and a tiny-model step goes from 0.1 s to several seconds."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_config(tmp_path, *, n_images=6, sizes=((96, 64), (128, 48), (48, 128)), **overrides):
     """A TrainConfig for the real tiny SDXL checkpoint at 64 px on a fresh generated dataset."""
     from trainer.config import TrainConfig

@@ -15,3 +15,15 @@ def golden_dir():
     if GOLDEN not in sys.path:
         sys.path.insert(0, GOLDEN)
     return GOLDEN
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny-model tests: they are all per-op overhead, and on a shared 2-core machine torch's
+    default pool spins against other processes (a tiny training step goes from 0.1 s to several seconds)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

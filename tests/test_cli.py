@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _trainer_helpers import make_dataset, one_thread
+from _trainer_helpers import make_dataset
 from safetensors.torch import save_file
 
 from trainer.cli import main
@@ -13,9 +13,7 @@ from trainer.cli import main
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -60,14 +60,7 @@ def meta_model(unet_cfg, te1=CLIP_L, te2=BIG_G):
         )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: on a shared 2-core box extra intra-op threads only spin
-    (measured 0.1 s vs 1-10 s per training step under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,7 @@ from trainer.model import (
 )
 from trainer.model.tiny import TINY_MERGES, build_vega_layout, tiny_configs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are all per-op overhead: on a shared 2-core box extra intra-op threads only spin
-    (measured 0.1 s vs 1-10 s per training step under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="session")

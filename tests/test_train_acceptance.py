@@ -4,16 +4,13 @@ import json
 import re
 
 import pytest
-from _trainer_helpers import make_bad_folder, one_thread, tiny_config
+from _trainer_helpers import make_bad_folder, tiny_config
 from safetensors import safe_open
 
 from trainer.runstore import RunReader
 from trainer.train import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

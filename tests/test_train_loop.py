@@ -6,15 +6,12 @@ import time
 
 import pytest
 import torch
-from _trainer_helpers import lora_tensors, one_thread, spy_optimizer_class, tiny_config
+from _trainer_helpers import lora_tensors, spy_optimizer_class, tiny_config
 
 from trainer.runstore import RunController, RunReader
 from trainer.train import Trainer, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SpyTrainer(Trainer):

@@ -2,16 +2,13 @@
 
 import pytest
 import torch
-from _trainer_helpers import lora_tensors, one_thread, tiny_config
+from _trainer_helpers import lora_tensors, tiny_config
 
 from trainer.config import resume_config
 from trainer.runstore import RunReader
 from trainer.train import Trainer, train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    yield from one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Everything that draws random numbers or carries state across steps is switched on: LoRA dropout (global

@@ -93,6 +93,11 @@ class EmoOptimizer(torch.optim.Optimizer):
             dtype = torch.float32
         return torch.zeros(p.shape if shape is None else shape, dtype=dtype, device=p.device)
 
+    def _factored_zeros(self, p, state, prefix="exp_avg"):
+        """Adafactor-style row/column statistics of a >=2-D parameter: (d0, 1, ..) and (1, d1, ..)."""
+        state[f"{prefix}_r"] = self._zeros(p, (p.shape[0],) + (1,) * (p.dim() - 1))
+        state[f"{prefix}_c"] = self._zeros(p, (1,) + tuple(p.shape[1:]))
+
     def _apply(self, rule, items, keys, *, per_tensor=False, **scalars):
         """Run `rule(p, g, state, **scalars)` over items, per tensor or as one foreach call.
 

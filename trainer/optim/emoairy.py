@@ -24,8 +24,7 @@ def airy_vector_rule(p, g, st, pulse, b2, wd):
 class EmoAiry(EmoV39):
     def _init_moments(self, p, state):
         if p.dim() >= 2:
-            state["exp_avg_r"] = self._zeros(p, (p.shape[0],) + (1,) * (p.dim() - 1))
-            state["exp_avg_c"] = self._zeros(p, (1,) + tuple(p.shape[1:]))
+            self._factored_zeros(p, state)
         else:
             state["exp_avg_sq"] = self._zeros(p)
 

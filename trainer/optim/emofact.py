@@ -27,8 +27,7 @@ def fact_vector_rule(p, g, st, lr, drive, b1, b2, eps, wd):
 class EmoFact(EmoV36):
     def _init_moments(self, p, state):
         if p.dim() >= 2:
-            state["exp_avg_r"] = self._zeros(p, (p.shape[0],) + (1,) * (p.dim() - 1))
-            state["exp_avg_c"] = self._zeros(p, (1,) + tuple(p.shape[1:]))
+            self._factored_zeros(p, state)
         else:
             state["exp_avg_sq"] = self._zeros(p)
 

@@ -44,8 +44,7 @@ class EmoZeal(EmoV30):
 
     def _init_state(self, p, state, group):
         if p.dim() >= 2:
-            state["exp_avg_r"] = self._zeros(p, (p.shape[0],) + (1,) * (p.dim() - 1))
-            state["exp_avg_c"] = self._zeros(p, (1,) + tuple(p.shape[1:]))
+            self._factored_zeros(p, state)
         else:
             state["exp_avg"] = self._zeros(p)
             state["exp_avg_sq"] = self._zeros(p)
