@@ -289,6 +289,9 @@ def warn_if_schedule_ignored(cfg) -> None:
     if self_lr and (cfg.lr_scheduler != "constant" or cfg.warmup_steps):
         log.warning("%s sets its own step size (emoPulse): lr_scheduler=%s and warmup_steps have no effect",
                     cfg.optimizer, cfg.lr_scheduler)
+    elif cfg.lr_scheduler == "emopulse" and cfg.warmup_steps:
+        log.warning("lr_scheduler=emopulse sets the LR from the loss every step: warmup_steps=%d has no effect",
+                    cfg.warmup_steps)
 
 
 def signal_names(cfg) -> list:
