@@ -1,0 +1,7 @@
+"""python -m trainer.optim.bench"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
