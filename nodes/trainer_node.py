@@ -58,6 +58,7 @@ class EmoLoRATrainer(io.ComfyNode):
     def execute(cls, ckpt_name, dataset, optimizer, rank, alpha, conv_rank, conv_alpha, train_text_encoder, steps,
                 batch_size, grad_accum, precision, gradient_checkpointing, seed, auto_stop, save_every,
                 output_name) -> io.NodeOutput:
+        import comfy.model_management
         import comfy.utils
         import folder_paths
 
@@ -82,7 +83,8 @@ class EmoLoRATrainer(io.ComfyNode):
         out = run_training(checkpoint=checkpoint, dataset=dataset, optimizer=optimizer, lora_dir=lora_dir,
                            runs_dir=os.path.join(work, "runs"), cache_dir=os.path.join(work, "cache"),
                            output_name=output_name, node_id=node_id, device=comfy_device(),
-                           progress=lambda s, t: bar.update_absolute(s, t), **options)
+                           progress=lambda s, t: bar.update_absolute(s, t),
+                           check_cancel=comfy.model_management.throw_exception_if_processing_interrupted, **options)
         image = telemetry_image(out["run_dir"])
         text = (f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})\nrun: {out['run_dir']}")
         return io.NodeOutput(out["lora_name"], image, out["run_dir"], ui=ui.PreviewText(text))

@@ -90,9 +90,10 @@ def expected_errors() -> tuple:
 
 
 def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerSpec, lora_dir: str, runs_dir: str,
-                 cache_dir: str, output_name: str, node_id=None, progress=None, device: str = "auto",
-                 **options) -> dict:
-    """Build the TrainConfig and train. progress(step, total) may raise to stop (the LoRA is saved first).
+                 cache_dir: str, output_name: str, node_id=None, progress=None, check_cancel=None,
+                 device: str = "auto", **options) -> dict:
+    """Build the TrainConfig and train. progress(step, total) may raise to stop (the LoRA is saved first);
+    check_cancel() may raise during the set-up (model load, caching), before there is a LoRA to save.
     Returns {lora_path, lora_name, run_dir, steps_done, stop_reason}."""
     import torch
 
@@ -127,6 +128,14 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
                 stop_types.append(type(e))
                 raise
 
+    def on_setup(phase: str, done: int, total: int) -> None:
+        if check_cancel is not None:
+            try:
+                check_cancel()  # ComfyUI's interrupt check: Cancel works while the checkpoint loads
+            except BaseException as e:
+                stop_types.append(type(e))
+                raise
+
     node = str(node_id) if node_id is not None else None
     send_event(TELEMETRY_EVENT, {"node": node, "status": "starting", "step": 0, "steps_total": config.steps,
                                  "optimizer": config.optimizer})
@@ -134,7 +143,7 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     cancelled: type | None = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            result = train(config, on_step=on_step)
+            result = train(config, on_step=on_step, on_setup=on_setup)
     except errors as e:
         failure = fail("Trainer", e)
     except BaseException as e:
@@ -152,7 +161,8 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
         send_event(TELEMETRY_EVENT, {"node": node, "status": "failed", "error": str(failure)})
         raise failure
     if cancelled is not None:
-        send_event(TELEMETRY_EVENT, {"node": node, "status": "interrupted", "lora": os.path.basename(output)})
+        saved = os.path.basename(output) if os.path.isfile(output) else None  # None: cancelled before step 1
+        send_event(TELEMETRY_EVENT, {"node": node, "status": "interrupted", "lora": saved})
         try:
             fresh = cancelled()
         except Exception:

@@ -208,6 +208,19 @@ def test_run_training_tiny_model_and_cancel_saves_the_lora(tmp_path, monkeypatch
     saved = tmp_path / "loras" / "ok_00002.safetensors"
     assert saved.is_file()  # the next free name; the earlier LoRA is never overwritten
     assert events[-1][1]["status"] == "interrupted"
+    # Cancel while the checkpoint loads: no step runs, no LoRA is written, the interrupt propagates
+    events.clear()
+    phases, steps = [], []
+
+    def cancel_during_load():
+        phases.append("check")
+        raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        training.run_training(output_name="early", progress=lambda s, t: steps.append(s),
+                              check_cancel=cancel_during_load, **kw)
+    assert phases == ["check"] and steps == [] and not list((tmp_path / "loras").glob("early*"))
+    assert events[-1][1]["status"] == "interrupted" and events[-1][1]["lora"] is None
     with pytest.raises(common.EmoLoRAError, match="^EmoLoRA Trainer: .*not an SDXL-family checkpoint"):
         bad = tmp_path / "bad.safetensors"
         import torch

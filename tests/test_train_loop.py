@@ -266,3 +266,21 @@ def test_evaluation_and_samples_turn_lora_dropout_off_in_the_text_encoders_too(t
         assert all(m.training for m in t.network.loras.values()) and t.model.unet.training
     finally:
         t.close()
+
+
+def test_on_setup_reports_the_phases_and_can_cancel_before_the_first_step(tmp_path):
+    phases = []
+    train(tiny_config(tmp_path / "a", steps=1, cache_latents="memory"), on_setup=lambda *a: phases.append(a))
+    assert phases[:2] == [("model", 0, 1), ("model", 1, 1)] and ("latents", 6, 6) in phases
+
+    class Cancel(Exception):
+        pass
+
+    def cancel(phase, done, total):
+        if phase == "latents":
+            raise Cancel
+    steps = []
+    with pytest.raises(Cancel):
+        train(tiny_config(tmp_path / "b", steps=3, cache_latents="memory"), on_setup=cancel,
+              on_step=lambda info: steps.append(info["step"]))
+    assert steps == [] and not (tmp_path / "b" / "out" / "lora.safetensors").exists()

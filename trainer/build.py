@@ -48,13 +48,20 @@ def setup(t) -> None:
         from .optim import OPTIMIZER_INFO
 
         cfg = t.cfg = cfg.replace(lr=OPTIMIZER_INFO[cfg.optimizer].recommended_lr)
+    setup_phase(t, "model", 0, 1)
     t._load_model()  # a bad checkpoint fails here, before a run folder exists for it
+    setup_phase(t, "model", 1, 1)
     open_run(t)
     try:
         build_training(t)
     except BaseException as e:
         t._fail(e)
         raise
+
+
+def setup_phase(t, phase: str, done: int, total: int) -> None:
+    if t.on_setup is not None:
+        t.on_setup(phase, done, total)
 
 
 def pick_device(name: str) -> torch.device:
@@ -231,6 +238,7 @@ def build_data(t) -> None:
     bar = progress_bar(desc="caching") if t.progress_bar else None
 
     def progress(kind, done, total):
+        setup_phase(t, kind, done, total)
         if bar is not None:
             bar.total = total
             bar.set_description(f"caching {kind}")

@@ -48,10 +48,10 @@ class TrainResult:
     summary: dict = field(default_factory=dict)  # loss start/end/min, eval loss, signal ranges, speed, memory
 
 
-def train(config: TrainConfig, *, stop_event: threading.Event | None = None, on_step=None,
+def train(config: TrainConfig, *, stop_event: threading.Event | None = None, on_step=None, on_setup=None,
           progress_bar: bool = False) -> TrainResult:
     """Train a LoRA as `config` says. See Trainer for the arguments."""
-    trainer = Trainer(config, stop_event=stop_event, on_step=on_step, progress_bar=progress_bar)
+    trainer = Trainer(config, stop_event=stop_event, on_step=on_step, on_setup=on_setup, progress_bar=progress_bar)
     try:
         trainer.setup()
         return trainer.run()
@@ -80,13 +80,16 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 class Trainer:
     """One run. stop_event: set it to save and stop at the next step boundary. on_step(info): called after
     every step with the step's telemetry record plus steps_total and run_dir (an exception raised there
-    saves the LoRA and the state, marks the run stopped, and propagates). progress_bar: tqdm on stderr."""
+    saves the LoRA and the state, marks the run stopped, and propagates). on_setup(phase, done, total): called
+    while setting up ("model" around the checkpoint load, "latents"/"text" while caching), so a host can cancel
+    before the first step by raising there. progress_bar: tqdm on stderr."""
 
     def __init__(self, config: TrainConfig, *, stop_event: threading.Event | None = None, on_step=None,
-                 progress_bar: bool = False):
+                 on_setup=None, progress_bar: bool = False):
         self.cfg = config
         self.stop_event = stop_event or threading.Event()
         self.on_step = on_step
+        self.on_setup = on_setup
         self.progress_bar = progress_bar
         self.model = None
         self.store: RunStore | None = None
