@@ -27,3 +27,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """A real ComfyUI server with this pack installed, one per test session (tests/comfy_harness.py)."""
+    if os.environ.get("EMOLORA_SKIP_COMFY"):
+        pytest.skip("EMOLORA_SKIP_COMFY is set")
+    import comfy_harness
+
+    return comfy_harness.shared_server()

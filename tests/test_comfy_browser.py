@@ -28,13 +28,6 @@ def artifacts_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def comfy():
-    if os.environ.get("EMOLORA_SKIP_COMFY"):
-        pytest.skip("EMOLORA_SKIP_COMFY is set")
-    return H.shared_server()
-
-
-@pytest.fixture(scope="module")
 def browser_page(comfy):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)")

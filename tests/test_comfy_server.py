@@ -5,7 +5,6 @@ skip them (they need PyPI access the first time and a few minutes on a 2-core CP
 """
 
 import json
-import os
 from pathlib import Path
 
 import comfy_harness as H
@@ -19,13 +18,6 @@ NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_
             "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel")
 STEPS = 3
 RES = 256
-
-
-@pytest.fixture(scope="session")
-def comfy():
-    if os.environ.get("EMOLORA_SKIP_COMFY"):
-        pytest.skip("EMOLORA_SKIP_COMFY is set")
-    return H.shared_server()
 
 
 @pytest.fixture(scope="session")
