@@ -268,11 +268,9 @@ FULL_SIZE = {"EmoNavi": (2, 2), "EmoFact": (0, 1), "EmoLynx": (1, 1), "EmoZeal":
              "RefAdamWminiScheduleFree": (2, 2), "AutoTrustGO": (3, 3)}  # (>=2-D, 1-D); AutoTrustGO: 2 + int8
 
 
-@pytest.mark.parametrize("name", sorted(FULL_SIZE))
-@pytest.mark.parametrize("shadow", [False, True])
+@pytest.mark.parametrize("name,shadow", [(n, False) for n in sorted(FULL_SIZE)] +
+                         [(n, True) for n in sorted(FULL_SIZE) if n in SHADOW])
 def test_state_memory_per_parameter(name, shadow):
-    if shadow and name not in SHADOW:
-        pytest.skip("no shadow")
     params = model()
     opt = make(name, params, **({"use_shadow": True} if shadow else {}))
     train(opt, params, 200 if shadow else 2)  # long enough for SH30's first blend to create the shadow
