@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ._emotion import new_history
 from ._tensors import TensorList, as_compute, default_foreach, write_back
 
 log = logging.getLogger("emolora.optim")
@@ -123,10 +124,21 @@ class EmoOptimizer(torch.optim.Optimizer):
 
     # ---- state -----------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
-        return {}
+        """Scalar state outside self.state: the loss EMAs and stop history where an optimizer keeps them;
+        subclasses add their own."""
+        out = {}
+        if hasattr(self, "ema"):
+            out["ema"] = dict(self.ema)
+        if hasattr(self, "hist"):
+            out["hist"] = list(self.hist)
+        return out
 
     def _load_extra_state(self, extra: dict) -> None:
-        pass
+        if hasattr(self, "ema"):
+            self.ema = dict(extra.get("ema", {}))
+        if hasattr(self, "hist"):
+            self.hist = new_history()
+            self.hist.extend(extra.get("hist", []))
 
     def state_dict(self):
         sd = super().state_dict()

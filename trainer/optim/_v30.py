@@ -70,10 +70,3 @@ class EmoV30(EmoOptimizer):
 
     def _update(self, group, items, sigma):
         raise NotImplementedError
-
-    def _extra_state(self):
-        return {"hist": list(self.hist)}
-
-    def _load_extra_state(self, extra):
-        self.hist = emo.new_history()
-        self.hist.extend(extra.get("hist", []))

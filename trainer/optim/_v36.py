@@ -64,11 +64,3 @@ class EmoV36(EmoOptimizer):
 
     def _update(self, group, items, drive):
         raise NotImplementedError
-
-    def _extra_state(self):
-        return {"ema": dict(self.ema), "hist": list(self.hist)}
-
-    def _load_extra_state(self, extra):
-        self.ema = dict(extra.get("ema", {}))
-        self.hist = emo.new_history()
-        self.hist.extend(extra.get("hist", []))

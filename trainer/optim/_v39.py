@@ -75,9 +75,9 @@ class EmoV39(EmoOptimizer):
         raise NotImplementedError
 
     def _extra_state(self):
-        return {"ema": dict(self.ema), **self.pulse.state(), "stopcoef": self.stopcoef}
+        return {**super()._extra_state(), **self.pulse.state(), "stopcoef": self.stopcoef}
 
     def _load_extra_state(self, extra):
-        self.ema = dict(extra.get("ema", {}))
+        super()._load_extra_state(extra)
         self.pulse.load(extra)
         self.stopcoef = extra.get("stopcoef", self.stopcoef)

@@ -117,11 +117,3 @@ class EmoClan(EmoOptimizer):
         else:
             p.copy_(p.to(st["shadow"].dtype).mul_(1 - ratio).add_(st["shadow"], alpha=ratio))
         st["shadow"].lerp_(p.to(st["shadow"].dtype), 0.05)
-
-    def _extra_state(self):
-        return {"ema": dict(self.ema), "hist": list(self.hist)}
-
-    def _load_extra_state(self, extra):
-        self.ema = dict(extra.get("ema", {}))
-        self.hist = emo.new_history()
-        self.hist.extend(extra.get("hist", []))
