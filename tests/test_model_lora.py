@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from trainer.atomic import default_mode
 from trainer.model import (
     LoRAError,
     LoRANetwork,
@@ -21,7 +22,6 @@ from trainer.model import (
     save_lora,
     tiny_model_path,
 )
-from trainer.model.atomic_io import default_mode
 from trainer.model.lora import LoRAWrapper
 
 NAME_RE = re.compile(

@@ -187,18 +187,16 @@ DEMO_DATA_VERSION = "demo-data-v1"
 
 def demo_dataset(root: Path) -> Path:
     """Eight generated 'photos' with captions, built once (atomically) under root/<version>."""
-    import shutil
-    import tempfile
-
     import numpy as np
     from PIL import Image
+
+    from .atomic import atomic_directory
 
     final = root / DEMO_DATA_VERSION
     if (final / ".complete").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+
+    def build(tmp: Path) -> None:
         colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
         sizes = [(128, 96), (96, 128), (112, 112), (128, 80)]
         for i, (name, rgb) in enumerate(list(colors.items()) * 2):
@@ -213,13 +211,8 @@ def demo_dataset(root: Path) -> Path:
             Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp / f"{i:02d}_{name}.png")
             (tmp / f"{i:02d}_{name}.txt").write_text(f"a {name} {shape} on a pale sky, photo", encoding="utf-8")
         (tmp / ".complete").write_text(DEMO_DATA_VERSION)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return atomic_directory(final, build)
 
 
 def cmd_demo(args) -> int:

@@ -7,12 +7,12 @@ re-encoded; a stale entry is simply never asked for again.
 
 import hashlib
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_write
 
 log = logging.getLogger("emolora.data")
 
@@ -71,13 +71,4 @@ class FeatureCache:
         if self.mode == "memory":
             self._mem[key] = tensors
             return
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"key": key})
-            os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(key), lambda tmp: save_file(tensors, tmp, metadata={"key": key}))

@@ -12,8 +12,8 @@ import time
 
 import torch
 
+from ..atomic import atomic_write_bytes
 from . import hashes
-from .atomic_io import write_atomic
 
 BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's value for every SDXL-family base, v-pred included
 ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
@@ -136,11 +136,5 @@ def save_lora(path, network, metadata: dict, dtype: torch.dtype = torch.float16)
     meta["sshs_model_hash"] = hashes.safetensors_data_hash(probe)
     meta["sshs_legacy_hash"] = hashes.legacy_bytes_hash(probe)
     del probe
-    data = save(sd, meta)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    write_atomic(path, write)
+    atomic_write_bytes(path, save(sd, meta))
     return path

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 import zlib
 
 import torch
 
+from ..atomic import atomic_directory, atomic_write
 from . import clip_tokenizers, convert, detect
 from . import sdxl_keys as K
-from .atomic_io import default_mode, write_atomic
 
 TINY_VERSION = "tiny-sdxl-v1"  # bump when the tiny structure changes: the cache path includes it
 SEED = 20240611
@@ -150,28 +148,19 @@ def _build_state(cfgs: dict, seed: int, dtype: torch.dtype) -> dict[str, torch.T
 def _save_atomic(sd: dict, path: str, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    write_atomic(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
 
 
 def _write_tokenizers(path: str, merges: list[str]) -> int:
     """`<stem>_tokenizer/tokenizer{,_2}` beside the checkpoint (load_sdxl finds it); returns vocab size."""
-    final = clip_tokenizers.sidecar_dir(path)
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(final), prefix=".tmp-tok-")
-    try:
-        size = clip_tokenizers.write_bpe(os.path.join(tmp, "tokenizer"), merges)
+    sizes = []
+
+    def build(tmp) -> None:
+        sizes.append(clip_tokenizers.write_bpe(os.path.join(tmp, "tokenizer"), merges))
         clip_tokenizers.write_bpe(os.path.join(tmp, "tokenizer_2"), merges, pad_token=clip_tokenizers.BIGG_PAD)
-        os.chmod(tmp, default_mode(directory=True))  # mkdtemp makes it 0700
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        try:
-            os.replace(tmp, final)
-        except OSError:  # a concurrent builder got there first; the content is deterministic
-            if not os.path.isdir(os.path.join(final, "tokenizer_2")):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-    return size
+
+    atomic_directory(clip_tokenizers.sidecar_dir(path), build)
+    return sizes[0]
 
 
 def build_tiny_sdxl(path, *, seed: int = SEED) -> str:
