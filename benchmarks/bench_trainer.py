@@ -177,23 +177,24 @@ def bench_sdxl(args) -> dict:
     precision = "bf16" if device.startswith("cuda") else "no"
 
     class BenchTrainer(Trainer):
-        def _load_model(self):
+        def load_model(self, rt):
+            from trainer.build import prepare_model
             from trainer.diffusion import NoiseSchedule
+            from trainer.parts import LoadedModel
 
             t0 = time.perf_counter()
-            unet = _random_unet(unet_config, self.device, self.weight_dtype)
+            unet = _random_unet(unet_config, rt.device, rt.weight_dtype)
             stub = torch.nn.Module  # no VAE and no text encoders: latents and text outputs are "cached"
-            self.model = SimpleNamespace(unet=unet, te1=stub(), te2=stub(), vae=stub(), prediction_type="epsilon",
-                                         model_hash="random-sdxl", zero_terminal_snr=False)
-            self.prediction_type, self.schedule = "epsilon", NoiseSchedule()
-            self._prepare_model()
+            model = SimpleNamespace(unet=unet, te1=stub(), te2=stub(), vae=stub(), prediction_type="epsilon",
+                                    model_hash="random-sdxl", zero_terminal_snr=False)
+            prepare_model(self.cfg, model)
             self.build_s = time.perf_counter() - t0
+            return LoadedModel(model, "epsilon", NoiseSchedule())
 
-        def _build_data(self):
+        def build_data(self, rt, loaded, items):
             c = unet_config  # the pooled width is what add_embedding takes besides the 6 size embeddings
             pooled = c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
-            self.data = SyntheticData(self.cfg, c["cross_attention_dim"], pooled)
-            self.eval_batch = None
+            return SyntheticData(self.cfg, c["cross_attention_dim"], pooled), None
 
     work = Path(tempfile.mkdtemp(prefix="emolora-bench-"))
     (work / "data").mkdir()

@@ -1,5 +1,18 @@
 """EmoLoRA trainer core: SDXL model loading, LoRA injection/export, data pipeline and training loop.
 
+Module map (what each module owns):
+- config.py: TrainConfig, presets and the merge of presets, config files and flags; cli.py: the commands.
+- parts.py: the run's explicit parts (Runtime, LoadedModel, RunSetup, LoopState, Hooks).
+- build.py: making the parts (scan, device/precision, model, run folder, network, data and caches, optimizer).
+- train.py: Trainer, the loop: micro-batches, the step's host read, the optimizer step, stop rules, saves.
+- state.py: the resumable state file (state.pt); checkpoint.py: LoRA files and their kohya metadata.
+- telemetry.py: step records, memory, progress bar, TensorBoard, the run summary; samples.py: preview images.
+- placement.py: which device and mode the model's modules are in; diffusion.py: noise schedule and losses.
+- runstore.py: the run folder's telemetry store (sqlite) and control file, shared with the panel and ComfyUI.
+- atomic.py: the one atomic file writer.
+- model/: loading SDXL checkpoints, the LoRA network, kohya export; data/: dataset scan, buckets, caches.
+- optim/: the optimizers (one module each over shared mechanics).
+
 Kept import-light on purpose: ComfyUI imports this package at start-up, so heavy libraries
 (diffusers, transformers) are only imported inside the functions that need them.
 """

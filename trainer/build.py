@@ -1,11 +1,10 @@
 """Building a run: device and precision, the model, the run folder, the LoRA, data and caches, the optimizer.
 
-Trainer.setup() calls these in order; they fill in the trainer's attributes. The model loader and the
-data builder are reached through Trainer._load_model/_build_data so a subclass can replace them (the
-benchmark feeds a random full-size UNet and synthetic latents that way).
+Trainer.setup() calls these in order and keeps what they return (trainer/parts.py). The model loader and the
+data builder are reached through Trainer.load_model/build_data so a subclass can replace them (the benchmark
+feeds a random full-size UNet and synthetic latents that way).
 """
 
-import contextlib
 import inspect
 import logging
 import os
@@ -18,50 +17,36 @@ import numpy as np
 import torch
 
 from .atomic import atomic_write_text
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .data import FeatureCache, TrainingData, scan_dataset
 from .diffusion import NoiseSchedule
+from .parts import DTYPES, Hooks, LoadedModel, Runtime
+from .placement import offload_cached_encoders, onload
 from .runstore import ControlPoller, RunReader, RunStore
-from .state import STATE_FILE, restore_trainer_state
-from .telemetry import open_tensorboard, progress_bar
+from .state import STATE_FILE
+from .telemetry import progress_bar
 
 log = logging.getLogger("emolora.train")
 
-DTYPES = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def setup(t) -> None:
-    """Trainer.setup(): validate, scan the data, pick device and precision, load the model, open the run folder,
-    build the rest. Cheap failures come first; a failure after the run folder exists is recorded in it."""
-    cfg = t.cfg.validate(require_paths=not t.cfg.resume)
+def scan_and_place(cfg: TrainConfig):
+    """The cheap part of setup, before any model loads: validate, scan the data (a bad or empty folder fails in
+    a second, not after a multi-GB checkpoint), pick device and precision, resolve the LR.
+    -> (cfg, items, report, runtime)."""
+    cfg = cfg.validate(require_paths=not cfg.resume)
     if cfg.resume and not (Path(cfg.resume) / "state" / STATE_FILE).is_file():
         raise ConfigError(f"resume: no saved training state in {cfg.resume} (expected state/{STATE_FILE})")
     if not Path(cfg.model).expanduser().exists():
         raise ConfigError(f"model not found: {cfg.model}")
-    # The data first: a bad or empty folder fails in a second, before a multi-GB checkpoint loads.
-    t.items, t.report = scan_dataset(cfg.data, caption_extensions=cfg.caption_extensions,
-                                     default_repeats=cfg.default_repeats)
-    t.device = pick_device(cfg.device)
-    t.precision = pick_precision(cfg.mixed_precision, t.device)
-    t.weight_dtype = DTYPES[t.precision]
+    items, report = scan_dataset(cfg.data, caption_extensions=cfg.caption_extensions,
+                                 default_repeats=cfg.default_repeats)
+    device = pick_device(cfg.device)
+    runtime = Runtime(device, pick_precision(cfg.mixed_precision, device))
     if cfg.lr is None:
         from .optim import OPTIMIZER_INFO
 
-        cfg = t.cfg = cfg.replace(lr=OPTIMIZER_INFO[cfg.optimizer].recommended_lr)
-    setup_phase(t, "model", 0, 1)
-    t._load_model()  # a bad checkpoint fails here, before a run folder exists for it
-    setup_phase(t, "model", 1, 1)
-    open_run(t)
-    try:
-        build_training(t)
-    except BaseException as e:
-        t._fail(e)
-        raise
-
-
-def setup_phase(t, phase: str, done: int, total: int) -> None:
-    if t.on_setup is not None:
-        t.on_setup(phase, done, total)
+        cfg = cfg.replace(lr=OPTIMIZER_INFO[cfg.optimizer].recommended_lr)
+    return cfg, items, report, runtime
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,19 +70,19 @@ def pick_precision(mp: str, device: torch.device) -> str:
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------
-def load_model(cfg, device: torch.device, precision: str):
-    """-> (model, prediction_type, noise schedule). The UNet and text encoders in the precision's dtype, the
-    VAE in float32."""
+def load_model(cfg: TrainConfig, rt: Runtime) -> LoadedModel:
+    """The UNet and text encoders in the precision's dtype, the VAE in float32; frozen and prepared."""
     from . import model as M
 
-    log.info("loading %s (%s on %s)", cfg.model, precision, device)
-    model = M.load_sdxl(cfg.model, dtype=DTYPES[precision], vae_dtype=torch.float32, tokenizer_dir=cfg.tokenizer)
+    log.info("loading %s (%s on %s)", cfg.model, rt.precision, rt.device)
+    model = M.load_sdxl(cfg.model, dtype=rt.weight_dtype, vae_dtype=torch.float32, tokenizer_dir=cfg.tokenizer)
     prediction_type = model.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     schedule = NoiseSchedule(zero_terminal_snr=bool(getattr(model, "zero_terminal_snr", False)))
-    return model, prediction_type, schedule
+    prepare_model(cfg, model)
+    return LoadedModel(model, prediction_type, schedule)
 
 
-def prepare_model(cfg, m) -> None:
+def prepare_model(cfg: TrainConfig, m) -> None:
     """Freeze, pick attention and checkpointing. Devices are assigned later: the encoders first (to fill
     the caches), the UNet after them, so a small GPU never holds all four networks at once."""
     for module in (m.unet, m.te1, m.te2, m.vae):
@@ -115,34 +100,11 @@ def prepare_model(cfg, m) -> None:
     m.unet.train()  # checkpointing acts only in train mode; SDXL's UNet has no dropout to switch on
 
 
-@contextlib.contextmanager
-def evaluating(t):
-    """UNet and every LoRA module (the text encoders' too, created after the encoders went to eval) in eval
-    mode, so LoRA dropout is off for evaluation and samples; back to training afterwards."""
-    t.model.unet.eval()
-    t.network.eval()
-    try:
-        yield
-    finally:
-        t.model.unet.train()
-        t.network.train()
-
-
-def offload(device: torch.device, *modules) -> None:
-    if device.type != "cpu":
-        for module in modules:
-            module.to("cpu")
-
-
-def onload(device: torch.device, *modules) -> None:
-    for module in modules:
-        module.to(device)
-
-
 # ---- the run folder ----------------------------------------------------------------------------------------------
-def open_run(t) -> None:
-    """A new run folder (or the resumed one) with config, dataset report and meta; sets store, run_dir, control."""
-    cfg = t.cfg
+def open_run(cfg: TrainConfig, rt: Runtime, report) -> tuple[RunStore, ControlPoller, float]:
+    """A new run folder (or the resumed one) with config, dataset report and meta.
+    -> (store, control, the run's first start time)."""
+    started_at = time.time()
     if cfg.resume:
         run_dir = Path(cfg.resume).expanduser()
     else:
@@ -152,71 +114,58 @@ def open_run(t) -> None:
         while run_dir.exists():
             n += 1
             run_dir = runs_dir / f"{name}-{n}"
-    t.store = RunStore(run_dir)
-    t.run_dir = run_dir
+    store = RunStore(run_dir)
     if cfg.resume:  # the LoRA's ss_training_started_at is the run's start, not this session's
         reader = RunReader(run_dir)
-        t._started_at = reader.meta().get("started_at") or t._started_at
+        started_at = reader.meta().get("started_at") or started_at
         reader.close()
-    t.store.write_config({**cfg.to_dict(), "resume": None})
-    atomic_write_text(run_dir / "dataset.txt", t.report.text())
-    t.store.set_meta(status="running", run_name=run_dir.name, optimizer=cfg.optimizer, pid=os.getpid(),
-                     host=socket.gethostname(), steps_total=cfg.steps, output=str(cfg.output),
-                     device=str(t.device), precision=t.precision, error=None,
-                     **{"resumed_at" if cfg.resume else "started_at": time.time()})
-    lines = [str(x) for x in t.report.lines]
-    t.store.event(0, "dataset", {"summary": t.report.summary(), "lines": lines})
-    t.control = ControlPoller(run_dir, cfg.auto_stop)
+    store.write_config({**cfg.to_dict(), "resume": None})
+    atomic_write_text(run_dir / "dataset.txt", report.text())
+    store.set_meta(status="running", run_name=run_dir.name, optimizer=cfg.optimizer, pid=os.getpid(),
+                   host=socket.gethostname(), steps_total=cfg.steps, output=str(cfg.output),
+                   device=str(rt.device), precision=rt.precision, error=None,
+                   **{"resumed_at" if cfg.resume else "started_at": time.time()})
+    store.event(0, "dataset", {"summary": report.summary(), "lines": [str(x) for x in report.lines]})
+    return store, ControlPoller(run_dir, cfg.auto_stop), started_at
 
 
 # ---- LoRA, data, optimizer ---------------------------------------------------------------------------------------
-def build_training(t) -> None:
-    """Everything after the model and the run folder: LoRA, data and caches, optimizer, LR pulse, fp16 scaler;
-    then the saved state (resume) or the step-0 evaluation."""
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # LoRA initialisation draws from the global generator
+
+
+def make_network(cfg: TrainConfig, model):
     from . import model as M
+
+    return M.LoRANetwork(model, cfg.rank, cfg.network_alpha, dropout=cfg.network_dropout,
+                         conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, train_te=cfg.train_text_encoder)
+
+
+def trainable_params(network, device: torch.device) -> list:
+    """The LoRA weights (they live in the network, not in the UNet's registry) on the device, with grads."""
+    network.to(device)
+    params = list(network.trainable_parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def step_signature(optimizer) -> tuple[bool, bool]:
+    """-> (step takes loss=, step takes max_steps=)."""
     from .optim import takes_loss
 
-    cfg = t.cfg
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    torch.manual_seed(cfg.seed)  # LoRA initialisation draws from the global generator
-    t.network = M.LoRANetwork(t.model, cfg.rank, cfg.network_alpha, dropout=cfg.network_dropout,
-                              conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, train_te=cfg.train_text_encoder)
-    t._build_data()
-    t.model.unet.to(t.device)
-    t.network.to(t.device)  # the LoRA weights live in the network, not in the UNet's registry
-    t.params = list(t.network.trainable_parameters())
-    for p in t.params:
-        p.requires_grad_(True)
-    t.optimizer = t.build_optimizer(t.params)
-    t._base_lrs = [g["lr"] for g in t.optimizer.param_groups]
-    step_params = inspect.signature(t.optimizer.step).parameters
-    t._takes_loss = takes_loss(t.optimizer) or "loss" in step_params
-    t._takes_max_steps = "max_steps" in step_params
-    t.pulse = build_pulse(cfg, t.optimizer) if cfg.lr_scheduler == "emopulse" else None
-    t.scaler = torch.amp.GradScaler(t.device.type) if t.precision == "fp16" else None
-    warn_if_schedule_ignored(cfg)
-    n = sum(p.numel() for p in t.params)
-    t.store.set_meta(signals=signal_names(cfg), lora_params=n, prediction_type=t.prediction_type,
-                     lr=cfg.lr, model_hash=getattr(t.model, "model_hash", None))
-    if cfg.resume:
-        restore_trainer_state(t)
-    else:
-        t.store.event(0, "start", {"lora_params": n, "batches_per_epoch": len(t.data)})
-        if cfg.eval_every:
-            t.store.log_step(0, {"eval_loss": t.evaluate(), "epoch": 0})
-    if cfg.tensorboard:
-        t._tb = open_tensorboard(t.run_dir)
-    log.info("training %d LoRA parameters with %s (lr %g) for %d steps; run folder %s", n, cfg.optimizer,
-             cfg.lr, cfg.steps, t.run_dir)
+    step_params = inspect.signature(optimizer.step).parameters
+    return takes_loss(optimizer) or "loss" in step_params, "max_steps" in step_params
 
 
-def build_data(t) -> None:
-    """TrainingData with its caches filled (encoders on the device meanwhile), the fixed evaluation batch; the
-    encoders that the cached features replace leave the accelerator afterwards."""
+def build_data(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, items, store: RunStore, hooks: Hooks):
+    """TrainingData with its caches filled (encoders on the device meanwhile) and the fixed evaluation batch;
+    the encoders that the cached features replace leave the accelerator afterwards. -> (data, eval_batch)."""
     from . import model as M
 
-    cfg, m, dev = t.cfg, t.model, t.device
+    m, dev = loaded.model, rt.device
     cache_root = Path(cfg.cache_dir or Path(cfg.output).expanduser().parent / "cache")
 
     def cache(mode, kind):
@@ -232,13 +181,13 @@ def build_data(t) -> None:
             return M.encode_prompts(m, captions, device=dev)
 
     model_hash = str(getattr(m, "model_hash", "unknown"))
-    t.data = TrainingData(t.items, cfg, encode_images=encode_images, encode_text=encode_text,
-                          model_hash=model_hash, latent_cache=cache(cfg.cache_latents, "latents"),
-                          text_cache=cache(cfg.cache_text, "text"), vae_dtype=m.vae.dtype, te_dtype=t.weight_dtype)
-    bar = progress_bar(desc="caching") if t.progress_bar else None
+    data = TrainingData(items, cfg, encode_images=encode_images, encode_text=encode_text,
+                        model_hash=model_hash, latent_cache=cache(cfg.cache_latents, "latents"),
+                        text_cache=cache(cfg.cache_text, "text"), vae_dtype=m.vae.dtype, te_dtype=rt.weight_dtype)
+    bar = progress_bar(desc="caching") if hooks.progress_bar else None
 
     def progress(kind, done, total):
-        setup_phase(t, kind, done, total)
+        hooks.setup_phase(kind, done, total)
         if bar is not None:
             bar.total = total
             bar.set_description(f"caching {kind}")
@@ -247,33 +196,32 @@ def build_data(t) -> None:
 
     onload(dev, m.vae, m.te1, m.te2)
     t0 = time.perf_counter()
-    encoded = t.data.fill_caches(progress)
+    encoded = data.fill_caches(progress)
     if bar is not None:
         bar.close()
     if any(encoded.values()):
         log.info("cached %d latents and %d captions in %.1fs", encoded["latents"], encoded["text"],
                  time.perf_counter() - t0)
-    t.eval_batch = make_eval_batch(t) if cfg.eval_every else None
-    # Encoders that are no longer needed every step leave the accelerator (sampling brings them back).
-    if cfg.cache_latents != "off":
-        offload(dev, m.vae)
-    if cfg.cache_text != "off" and not cfg.train_text_encoder:
-        offload(dev, m.te1, m.te2)
-    t.store.set_meta(buckets={f"{w}x{h}": n for (w, h), n in t.data.bucket_counts().items()},
-                     batches_per_epoch=len(t.data))
+    eval_batch = make_eval_batch(data, cfg.eval_size, m, dev) if cfg.eval_every else None
+    offload_cached_encoders(cfg, dev, m)
+    store.set_meta(buckets={f"{w}x{h}": n for (w, h), n in data.bucket_counts().items()},
+                   batches_per_epoch=len(data))
+    return data, eval_batch
 
 
-def make_eval_batch(t):
+def make_eval_batch(data, size: int, model, device: torch.device):
     """The fixed evaluation batch with its text encoded once, detached."""
-    b = t.data.fixed_batch(t.cfg.eval_size)
+    from . import model as M
+
+    b = data.fixed_batch(size)
     if b.prompt_embeds is None:
         with torch.no_grad():
-            b.prompt_embeds, b.pooled = t._encode_prompts(b.captions, grad=False)
+            b.prompt_embeds, b.pooled = M.encode_prompts(model, b.captions, device=device)
     b.prompt_embeds, b.pooled = b.prompt_embeds.detach(), b.pooled.detach()
     return b
 
 
-def make_optimizer(cfg, params):
+def make_optimizer(cfg: TrainConfig, params):
     """cfg.optimizer with cfg.optimizer_args over `params` (tensors or param groups)."""
     from .optim import create_optimizer
 
@@ -282,14 +230,20 @@ def make_optimizer(cfg, params):
     return create_optimizer(cfg.optimizer, params, lr=cfg.lr, **args)
 
 
-def build_pulse(cfg, optimizer):
+def build_pulse(cfg: TrainConfig, optimizer):
+    if cfg.lr_scheduler != "emopulse":
+        return None
     from .optim import EmoPulseScheduler
 
     args = {"notify": False, **cfg.scheduler_args}
     return EmoPulseScheduler(optimizer, **args)
 
 
-def warn_if_schedule_ignored(cfg) -> None:
+def build_scaler(rt: Runtime):
+    return torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
+
+
+def warn_if_schedule_ignored(cfg: TrainConfig) -> None:
     from .optim import OPTIMIZER_INFO
 
     info = OPTIMIZER_INFO.get(cfg.optimizer)
@@ -302,9 +256,14 @@ def warn_if_schedule_ignored(cfg) -> None:
                     cfg.warmup_steps)
 
 
-def signal_names(cfg) -> list:
+def signal_names(cfg: TrainConfig) -> list:
     """The optimizer's telemetry signals (for the panel's plots), from its registry entry."""
     from .optim import OPTIMIZER_INFO
 
     info = OPTIMIZER_INFO.get(cfg.optimizer)
     return list(info.signals) if info else []
+
+
+__all__ = ["DTYPES", "build_data", "build_pulse", "build_scaler", "load_model", "make_network", "make_optimizer",
+           "open_run", "pick_device", "pick_precision", "prepare_model", "scan_and_place", "seed_everything",
+           "signal_names", "step_signature", "trainable_params", "warn_if_schedule_ignored"]

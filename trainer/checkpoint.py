@@ -6,7 +6,7 @@ The resumable training state (weights, optimizer, RNGs, position) is state.py's 
 import logging
 from pathlib import Path
 
-from .build import DTYPES
+from .parts import DTYPES, LoopState, RunSetup
 
 log = logging.getLogger("emolora.train")
 
@@ -17,34 +17,33 @@ def step_path(output, step: int) -> Path:
     return out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
 
 
-def save_lora(trainer, path=None) -> str:
+def save_lora(cfg, run: RunSetup, loop: LoopState, store, path=None, *, stop_reason=None) -> str:
     """Write the LoRA (kohya keys, ss_* metadata) atomically; default: the configured output."""
     from . import model as M
 
-    path = Path(path or trainer.cfg.output).expanduser()
-    M.save_lora(path, trainer.network, kohya_metadata(trainer), dtype=DTYPES[trainer.cfg.save_dtype])
-    trainer.saved.append(str(path))
-    trainer.store.event(trainer.step, "save", {"path": str(path)})
-    log.info("saved %s (step %d)", path, trainer.step)
+    path = Path(path or cfg.output).expanduser()
+    M.save_lora(path, run.network, kohya_metadata(cfg, run, loop, stop_reason), dtype=DTYPES[cfg.save_dtype])
+    store.event(loop.step, "save", {"path": str(path)})
+    log.info("saved %s (step %d)", path, loop.step)
     return str(path)
 
 
-def kohya_metadata(trainer) -> dict:
+def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason) -> dict:
     from . import model as M
 
-    cfg, data, report = trainer.cfg, trainer.data, trainer.report
+    data, report = run.data, run.report
     buckets = {f"{w}x{h}": n for (w, h), n in data.bucket_counts().items()}
     return M.kohya_metadata(
-        network=trainer.network, model=trainer.model, output_name=Path(cfg.output).stem, steps=trainer.step,
-        epoch=trainer.epoch, resolution=cfg.resolution, learning_rate=cfg.lr, optimizer=f"emolora.{cfg.optimizer}",
+        network=run.network, model=run.model, output_name=Path(cfg.output).stem, steps=loop.step,
+        epoch=loop.epoch, resolution=cfg.resolution, learning_rate=cfg.lr, optimizer=f"emolora.{cfg.optimizer}",
         text_encoder_lr=cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr,
         optimizer_args=cfg.optimizer_args or None, num_train_images=report.samples_per_epoch,
-        tag_frequency=tag_frequency(trainer.items, cfg.caption_separator),
-        training_started_at=trainer._started_at, seed=cfg.seed,
+        tag_frequency=tag_frequency(run.items, cfg.caption_separator),
+        training_started_at=run.started_at, seed=cfg.seed,
         timestep_range=(cfg.timestep_min, cfg.timestep_max),
         lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.warmup_steps, max_train_steps=cfg.steps,
         max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
-        gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=trainer.precision,
+        gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=run.runtime.precision,
         cache_latents=cfg.cache_latents != "off", noise_offset=cfg.noise_offset or None,
         min_snr_gamma=cfg.min_snr_gamma or None, loss_type=cfg.loss_type,
         huber_c=cfg.huber_c if cfg.loss_type == "huber" else None, batch_size_per_device=cfg.batch_size,
@@ -57,7 +56,7 @@ def kohya_metadata(trainer) -> dict:
         dataset_dirs={k: {"n_repeats": r, "img_count": n} for k, (r, n) in report.folders.items()},
         training_comment=cfg.comment or None,
         extra={"emolora_optimizer": cfg.optimizer, "emolora_auto_stop": cfg.auto_stop,
-               "emolora_stop_reason": trainer.stop_reason, "emolora_skipped_steps": trainer.skipped},
+               "emolora_stop_reason": stop_reason, "emolora_skipped_steps": loop.skipped},
     )
 
 

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_write
-from .build import evaluating, offload, onload
+from .parts import RunSetup
+from .placement import evaluating, offload_cached_encoders, onload
 
 log = logging.getLogger("emolora.train")
 
@@ -47,26 +48,23 @@ def generate_samples(model, *, prompts, negative: str, steps: int, cfg_scale: fl
     return paths
 
 
-def sample_during_training(trainer) -> list:
+def sample_during_training(cfg, run: RunSetup, store, step: int) -> list:
     """Samples for cfg.sample_prompts with the LoRA as it is now, under samples/; [] (logged) if it fails."""
-    t, cfg, m = trainer, trainer.cfg, trainer.model
-    devices = [t.device] if t.device.type == "cuda" else []
-    onload(t.device, m.vae, m.te1, m.te2)
+    m, dev = run.model, run.device
+    devices = [dev] if dev.type == "cuda" else []
+    onload(dev, m.vae, m.te1, m.te2)
     try:
         # Forked RNG: sampling must not shift the training run's random stream (resume stays exact).
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), evaluating(t):
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), evaluating(m.unet, run.network):
             paths = generate_samples(m, prompts=cfg.sample_prompts, negative=cfg.sample_negative,
                                      steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg,
                                      size=cfg.sample_size or cfg.resolution, seed=cfg.sample_seed,
-                                     prediction_type=t.prediction_type, out_dir=t.store.samples_dir, step=t.step)
+                                     prediction_type=run.loaded.prediction_type, out_dir=store.samples_dir, step=step)
     except Exception as e:  # a failed preview must not end a long run
-        log.warning("sampling at step %d failed: %r", t.step, e)
-        t.store.event(t.step, "sample_failed", {"error": repr(e)})
+        log.warning("sampling at step %d failed: %r", step, e)
+        store.event(step, "sample_failed", {"error": repr(e)})
         return []
     finally:
-        if cfg.cache_latents != "off":
-            offload(t.device, m.vae)
-        if cfg.cache_text != "off" and not cfg.train_text_encoder:
-            offload(t.device, m.te1, m.te2)
-    t.store.event(t.step, "sample", {"paths": [str(p) for p in paths], "prompts": cfg.sample_prompts})
+        offload_cached_encoders(cfg, dev, m)
+    store.event(step, "sample", {"paths": [str(p) for p in paths], "prompts": cfg.sample_prompts})
     return paths

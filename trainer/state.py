@@ -5,7 +5,8 @@ previous complete state. Restoring it and training on gives the same LoRA bit fo
 having stopped: data order and augmentation are functions of (seed, epoch, index), noise of (seed, step),
 and everything else that draws random numbers is covered by the RNG states saved here.
 
-save_trainer_state/restore_trainer_state map a Trainer to and from that file; the rest is the file format.
+save_trainer_state/restore_trainer_state map a run's parts (RunSetup, LoopState) to and from that file; the rest
+is the file format.
 """
 
 import hashlib
@@ -18,6 +19,7 @@ import torch
 
 from .atomic import atomic_write
 from .config import ConfigError
+from .parts import LoopState, RunSetup
 
 log = logging.getLogger("emolora.train")
 
@@ -75,50 +77,50 @@ def dataset_fingerprint(items) -> str:
     return h.hexdigest()
 
 
-def save_trainer_state(trainer) -> Path:
-    """The trainer's resumable state, atomically, to <run>/state/state.pt."""
-    t = trainer
-    path = t.store.state_dir / STATE_FILE
+def save_trainer_state(run: RunSetup, loop: LoopState, store) -> Path:
+    """The run's resumable state, atomically, to <run>/state/state.pt."""
+    path = store.state_dir / STATE_FILE
     state = {
-        "step": t.step, "epoch": t.epoch, "batch_in_epoch": t.batch_in_epoch,
-        "lora": [p.detach().cpu().clone() for p in t.params],
-        "optimizer": t.optimizer.state_dict(),
-        "pulse": t.pulse.state_dict() if t.pulse is not None else None,
-        "scaler": t.scaler.state_dict() if t.scaler is not None else None,
+        "step": loop.step, "epoch": loop.epoch, "batch_in_epoch": loop.batch_in_epoch,
+        "lora": [p.detach().cpu().clone() for p in run.params],
+        "optimizer": run.optimizer.state_dict(),
+        "pulse": run.pulse.state_dict() if run.pulse is not None else None,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": rng_state(),
-        "counters": {"skipped": t.skipped, "consecutive_skips": t.consecutive_skips,
-                     "should_stop_prev": t._should_stop_prev},
-        "dataset": dataset_fingerprint(t.items),
+        "counters": {"skipped": loop.skipped, "consecutive_skips": loop.consecutive_skips,
+                     "should_stop_prev": loop.should_stop_prev},
+        "dataset": dataset_fingerprint(run.items),
     }
     save_state(path, state)
-    t.store.event(t.step, "state", {"path": str(path)})
+    store.event(loop.step, "state", {"path": str(path)})
     return path
 
 
-def restore_trainer_state(trainer) -> None:
-    """Load <cfg.resume>/state/state.pt into a freshly built trainer and cut the run's log back to its step."""
-    t = trainer
-    path = Path(t.cfg.resume).expanduser() / "state" / STATE_FILE
+def restore_trainer_state(cfg, run: RunSetup, store) -> LoopState:
+    """Load <cfg.resume>/state/state.pt into a freshly built run, cut the run's log back to its step and return
+    where the loop stands."""
+    path = Path(cfg.resume).expanduser() / "state" / STATE_FILE
     state = load_state(path)
     saved = state["lora"]
-    if len(saved) != len(t.params) or any(s.shape != p.shape for s, p in zip(saved, t.params)):
+    if len(saved) != len(run.params) or any(s.shape != p.shape for s, p in zip(saved, run.params)):
         raise ConfigError(f"resume: the LoRA in {path} does not match this network (rank, targets or model "
                           "changed)")
     with torch.no_grad():
-        for p, s in zip(t.params, saved):
+        for p, s in zip(run.params, saved):
             p.copy_(s)
-    t.optimizer.load_state_dict(state["optimizer"])
-    if t.pulse is not None and state.get("pulse") is not None:
-        t.pulse.load_state_dict(state["pulse"])
-    if t.scaler is not None and state.get("scaler") is not None:
-        t.scaler.load_state_dict(state["scaler"])
-    t.step, t.epoch, t.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.pulse is not None and state.get("pulse") is not None:
+        run.pulse.load_state_dict(state["pulse"])
+    if run.scaler is not None and state.get("scaler") is not None:
+        run.scaler.load_state_dict(state["scaler"])
     c = state["counters"]
-    t.skipped, t.consecutive_skips = c["skipped"], c["consecutive_skips"]
-    t._should_stop_prev = c["should_stop_prev"]
-    if state.get("dataset") != dataset_fingerprint(t.items):
+    loop = LoopState(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
+                     skipped=c["skipped"], consecutive_skips=c["consecutive_skips"],
+                     should_stop_prev=c["should_stop_prev"])
+    if state.get("dataset") != dataset_fingerprint(run.items):
         log.warning("resume: the dataset changed since the state was saved; the data order will differ")
     set_rng_state(state["rng"])  # after the loads: the next step must see exactly the saved streams
-    t.store.truncate_after(t.step)
-    t.store.event(t.step, "resume", {"from": str(path)})
-    log.info("resumed %s at step %d (epoch %d, batch %d)", t.run_dir, t.step, t.epoch, t.batch_in_epoch)
+    store.truncate_after(loop.step)
+    store.event(loop.step, "resume", {"from": str(path)})
+    log.info("resumed %s at step %d (epoch %d, batch %d)", store.run_dir, loop.step, loop.epoch, loop.batch_in_epoch)
+    return loop

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from .parts import LoopState, RunSetup
 from .runstore import RunReader
 
 log = logging.getLogger("emolora.train")
@@ -34,24 +35,25 @@ def memory(device: torch.device) -> dict:
         return {}
 
 
-def step_record(trainer, loss: float, grad_norm: float, scale: list, finite: bool, dt: float) -> dict:
-    """The telemetry record of the step just taken (trainer.step already counts it). Speed is over the last
-    20 steps. The optimizer's own signals are read only after a real step: a skipped one left them stale."""
-    cfg, opt = trainer.cfg, trainer.optimizer
-    trainer._step_times.append(dt)
-    sps = len(trainer._step_times) / sum(trainer._step_times)
+def step_record(cfg, run: RunSetup, loop: LoopState, step_times, *, loss: float, grad_norm: float, scale: list,
+                finite: bool) -> dict:
+    """The telemetry record of the step just taken (loop.step already counts it; step_times ends with its
+    duration). Speed is over the recent steps. The optimizer's own signals are read only after a real step: a
+    skipped one left them stale."""
+    opt = run.optimizer
+    sps = len(step_times) / sum(step_times)
     record = {"loss": loss, "lr": float(opt.param_groups[0]["lr"]), "grad_norm": grad_norm,
-              "skipped": not finite, "skipped_total": trainer.skipped, "epoch": trainer.epoch,
-              "step_time": dt, "steps_per_s": sps, "samples_per_s": sps * cfg.batch_size * cfg.grad_accum,
-              "eta_s": (cfg.steps - trainer.step) / sps,
-              **memory(trainer.device)}
+              "skipped": not finite, "skipped_total": loop.skipped, "epoch": loop.epoch,
+              "step_time": step_times[-1], "steps_per_s": sps,
+              "samples_per_s": sps * cfg.batch_size * cfg.grad_accum, "eta_s": (cfg.steps - loop.step) / sps,
+              **memory(run.device)}
     if scale:
         record["grad_scale"] = scale[0]
     if finite:
         for k, v in dict(getattr(opt, "telemetry", None) or {}).items():
             record.setdefault(k, v)
-        if trainer.pulse is not None:
-            for k, v in dict(getattr(trainer.pulse, "telemetry", None) or {}).items():
+        if run.pulse is not None:
+            for k, v in dict(getattr(run.pulse, "telemetry", None) or {}).items():
                 record[f"pulse_{k}"] = v
     return record
 
