@@ -10,7 +10,7 @@ import math
 import torch
 
 from ._emotion import new_history
-from ._tensors import TensorList, as_compute, default_foreach, write_back
+from ._tensors import TensorList, as_compute, default_foreach, shape_order, write_back
 
 log = logging.getLogger("emolora.optim")
 
@@ -99,23 +99,43 @@ class EmoOptimizer(torch.optim.Optimizer):
         state[f"{prefix}_r"] = self._zeros(p, (p.shape[0],) + (1,) * (p.dim() - 1))
         state[f"{prefix}_c"] = self._zeros(p, (1,) + tuple(p.shape[1:]))
 
-    def _apply(self, rule, items, keys, *, per_tensor=False, **scalars):
+    def _uses_foreach(self, params) -> bool:
+        """Whether this step runs foreach kernels (and keeps its scalars on the device) for these params."""
+        return self.foreach if self.foreach is not None else default_foreach(params)
+
+    def _apply(self, rule, items, keys, *, per_tensor=False, grouped=False, **scalars):
         """Run `rule(p, g, state, **scalars)` over items, per tensor or as one foreach call.
 
+        grouped=True (foreach mode): the TensorLists come ordered by (shape, dtype, device) with their run
+        lengths in `.groups`, so the rule can `batch()` them for per-tensor reductions (see _tensors).
         per_tensor=True forces the loop, for rules with per-tensor reductions that have no foreach form.
         """
         if not items:
             return
+        use_foreach = not per_tensor and self._uses_foreach([p for p, _, _ in items])
+        groups = None
+        if use_foreach and grouped:
+            order, groups = self._shape_order(items)
+            items = [items[i] for i in order]
         params = [p for p, _, _ in items]
         work, grads = as_compute(params, [g for _, g, _ in items], self._compute_dtype(params[0]))
-        use_foreach = not per_tensor and (self.foreach if self.foreach is not None else default_foreach(params))
         if use_foreach:
-            states = {k: TensorList(st[k] for _, _, st in items) for k in keys}
-            rule(TensorList(work), TensorList(grads), states, **scalars)
+            states = {k: TensorList((st[k] for _, _, st in items), groups) for k in keys}
+            rule(TensorList(work, groups), TensorList(grads, groups), states, **scalars)
         else:
             for w, g, (_, _, st) in zip(work, grads, items):
                 rule(w, g, st, **scalars)
         write_back(params, work)
+
+    def _shape_order(self, items):
+        """shape_order() of the items' params, cached per parameter list (the params outlive the cache key)."""
+        key = tuple(id(p) for p, _, _ in items)
+        cache = self.__dict__.setdefault("_order_cache", {})
+        if key not in cache:
+            if len(cache) >= 8:
+                cache.clear()
+            cache[key] = shape_order([p for p, _, _ in items])
+        return cache[key]
 
     def _compute_dtype(self, p):
         if self.state_dtype != "param" and p.dtype in (torch.bfloat16, torch.float16):

@@ -4,13 +4,14 @@ As in EmoFact, sign(g/denom) is sign(g) for finite gradients; the statistics are
 update.
 """
 
+from ._tensors import batch, sq_means
 from ._v39 import EmoV39
 
 
 def airy_matrix_rule(p, g, st, pulse, b2, wd):
-    g2 = g * g
-    st["exp_avg_r"].mul_(b2).add_(g2.mean(dim=tuple(range(1, g.dim())), keepdim=True), alpha=1 - b2)
-    st["exp_avg_c"].mul_(b2).add_(g2.mean(dim=0, keepdim=True), alpha=1 - b2)
+    r, c = sq_means(batch(g))  # foreach: one batched reduction per shape
+    st["exp_avg_r"].mul_(b2).add_(r, alpha=1 - b2)
+    st["exp_avg_c"].mul_(b2).add_(c, alpha=1 - b2)
     p.mul_(1.0 - wd * pulse)
     p.add_(g.sign(), alpha=-pulse)
 
@@ -31,5 +32,5 @@ class EmoAiry(EmoV39):
     def _update(self, group, items, pulse):
         kw = dict(pulse=pulse, b2=group["betas"][1], wd=group["weight_decay"])
         self._apply(airy_matrix_rule, [it for it in items if it[0].dim() >= 2], ("exp_avg_r", "exp_avg_c"),
-                    per_tensor=True, **kw)
+                    grouped=True, **kw)
         self._apply(airy_vector_rule, [it for it in items if it[0].dim() < 2], ("exp_avg_sq",), **kw)

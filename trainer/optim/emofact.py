@@ -5,15 +5,14 @@ factored statistics never reach the parameters. They are still kept (same state,
 state_dicts and telemetry carry what upstream users know; the update skips the full-size denominator.
 """
 
+from ._tensors import batch, sq_means
 from ._v36 import EmoV36
 
 
 def fact_matrix_rule(p, g, st, lr, drive, b1, b2, eps, wd):
-    g2 = g * g
-    r = g2.mean(dim=tuple(range(1, g.dim())), keepdim=True).add_(eps)
-    c = g2.mean(dim=0, keepdim=True).add_(eps)
-    st["exp_avg_r"].mul_(b1).add_(r.sqrt_(), alpha=1 - b1)  # beta1, not beta2, as upstream
-    st["exp_avg_c"].mul_(b1).add_(c.sqrt_(), alpha=1 - b1)
+    r, c = sq_means(batch(g))  # foreach: one batched reduction per shape
+    st["exp_avg_r"].mul_(b1).add_(r.add_(eps).sqrt_(), alpha=1 - b1)  # beta1, not beta2, as upstream
+    st["exp_avg_c"].mul_(b1).add_(c.add_(eps).sqrt_(), alpha=1 - b1)
     p.add_(p, alpha=-wd * lr)
     p.add_(g.sign(), alpha=-lr * drive)
 
@@ -35,5 +34,5 @@ class EmoFact(EmoV36):
         b1, b2 = group["betas"]
         kw = dict(lr=group["lr"], drive=drive, b1=b1, b2=b2, eps=group["eps"], wd=group["weight_decay"])
         self._apply(fact_matrix_rule, [it for it in items if it[0].dim() >= 2], ("exp_avg_r", "exp_avg_c"),
-                    per_tensor=True, **kw)
+                    grouped=True, **kw)
         self._apply(fact_vector_rule, [it for it in items if it[0].dim() < 2], ("exp_avg_sq",), **kw)
