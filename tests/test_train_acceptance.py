@@ -34,6 +34,11 @@ def test_eval_loss_drops_optimizer_feels_the_loss_and_export_is_kohya(tmp_path):
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_sd_model_hash"]
     assert json.loads(meta["ss_tag_frequency"])["data"]["soft light"] == 8
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    # The run's summary travels with the file: loss, eval loss and the optimizer's signal ranges.
+    assert float(meta["emolora_loss_min"]) == pytest.approx(s["loss_min"])
+    assert float(meta["emolora_eval_loss_end"]) == pytest.approx(s["eval_loss_end"])
+    assert float(meta["emolora_emo_scalar_min"]) < float(meta["emolora_emo_scalar_max"])
+    assert meta["emolora_stop_reason"] == "finished" and meta["emolora_optimizer"] == "EmoNavi"
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from _trainer_helpers import lora_tensors, spy_optimizer_class, tiny_config
+from safetensors import safe_open
 
 from trainer.runstore import RunController, RunReader
 from trainer.train import Trainer, train
@@ -139,6 +140,9 @@ def test_should_stop_stops_or_only_marks(tmp_path, mode):
     else:
         assert result.stop_reason == "finished" and result.steps_done == 6
     assert lora_tensors(result.lora_path)
+    assert result.summary["should_stop_step"] == 3
+    with safe_open(result.lora_path, "pt") as f:
+        assert f.metadata()["emolora_should_stop_step"] == "3"
 
 
 def test_run_store_is_readable_from_another_thread_while_training(tmp_path):
@@ -190,7 +194,10 @@ def test_training_variants_run_and_learn_something(tmp_path, change):
     if change.get("lr_scheduler") == "cosine":
         assert [r["lr"] for r in rows][0] < [r["lr"] for r in rows][1]  # warmup, then the schedule
     if change.get("lr_scheduler") == "emopulse":
-        assert "pulse_emo_pulse" in rows[-1] or any(k.startswith("pulse_") for k in rows[-1])
+        # The logged lr is the one the scheduler set after the step (used by the next one): emoPulse, not 1e-4.
+        pulses = [r["pulse_emo_pulse"] for r in rows]
+        assert [r["lr"] for r in rows] == pulses
+        assert all(0 < p <= 3e-3 for p in pulses) and len(set(pulses)) == len(pulses)  # it moves every step
 
 
 def test_sample_images_during_training(tmp_path):
@@ -284,3 +291,18 @@ def test_on_setup_reports_the_phases_and_can_cancel_before_the_first_step(tmp_pa
         train(tiny_config(tmp_path / "b", steps=3, cache_latents="memory"), on_setup=cancel,
               on_step=lambda info: steps.append(info["step"]))
     assert steps == [] and not (tmp_path / "b" / "out" / "lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("ztsnr", [False, True])
+def test_sampler_follows_the_training_schedule(ztsnr):
+    """Previews of a zero-terminal-SNR v-prediction model start at t=999 on the same rescaled betas that training
+    used; a standard model keeps SDXL's "leading" spacing."""
+    from trainer.diffusion import NoiseSchedule
+    from trainer.samples import sample_scheduler
+
+    sched = sample_scheduler("v_prediction" if ztsnr else "epsilon", ztsnr)
+    train_table = NoiseSchedule(zero_terminal_snr=ztsnr).alphas_cumprod
+    torch.testing.assert_close(sched.alphas_cumprod[:-1], train_table[:-1], rtol=1e-5, atol=1e-7)
+    sched.set_timesteps(4)
+    assert int(sched.timesteps[0]) == (999 if ztsnr else 751)
+    assert (float(train_table[-1]) == 0.0) is ztsnr

@@ -17,18 +17,21 @@ def step_path(output, step: int) -> Path:
     return out.with_name(f"{out.stem}-step{step:06d}{out.suffix}")
 
 
-def save_lora(cfg, run: RunSetup, loop: LoopState, store, path=None, *, stop_reason=None) -> str:
-    """Write the LoRA (kohya keys, ss_* metadata) atomically; default: the configured output."""
+def save_lora(cfg, run: RunSetup, loop: LoopState, store, path=None, *, stop_reason=None,
+              summary: dict | None = None) -> str:
+    """Write the LoRA (kohya keys, ss_* metadata, the run's summary as emolora_*) atomically; default: the
+    configured output."""
     from . import model as M
 
     path = Path(path or cfg.output).expanduser()
-    M.save_lora(path, run.network, kohya_metadata(cfg, run, loop, stop_reason), dtype=DTYPES[cfg.save_dtype])
+    meta = kohya_metadata(cfg, run, loop, stop_reason, summary or {})
+    M.save_lora(path, run.network, meta, dtype=DTYPES[cfg.save_dtype])
     store.event(loop.step, "save", {"path": str(path)})
     log.info("saved %s (step %d)", path, loop.step)
     return str(path)
 
 
-def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason) -> dict:
+def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason, summary: dict) -> dict:
     from . import model as M
 
     data, report = run.data, run.report
@@ -56,7 +59,8 @@ def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason) -> dict:
         dataset_dirs={k: {"n_repeats": r, "img_count": n} for k, (r, n) in report.folders.items()},
         training_comment=cfg.comment or None,
         extra={"emolora_optimizer": cfg.optimizer, "emolora_auto_stop": cfg.auto_stop,
-               "emolora_stop_reason": stop_reason, "emolora_skipped_steps": loop.skipped},
+               "emolora_stop_reason": stop_reason, "emolora_skipped_steps": loop.skipped,
+               **{f"emolora_{k}": v for k, v in summary.items() if k not in ("steps", "skipped_steps")}},
     )
 
 

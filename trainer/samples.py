@@ -18,14 +18,24 @@ from .placement import evaluating, offload_cached_encoders, onload
 log = logging.getLogger("emolora.train")
 
 
+def sample_scheduler(prediction_type: str, zero_terminal_snr: bool):
+    """SDXL's Euler sampler as the model was trained: a zero-terminal-SNR model (NoobAI-style v-prediction) needs
+    the rescaled betas and "trailing" spacing, so sampling starts from the pure-noise timestep it was trained on."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, prediction_type=prediction_type,
+                                  rescale_betas_zero_snr=zero_terminal_snr,
+                                  timestep_spacing="trailing" if zero_terminal_snr else "leading",
+                                  steps_offset=0 if zero_terminal_snr else 1)
+
+
 def generate_samples(model, *, prompts, negative: str, steps: int, cfg_scale: float, size: int, seed: int,
                      prediction_type: str, out_dir, step: int) -> list[Path]:
     """One PNG per prompt in out_dir, named step-<step>-<i>.png. The caller puts the modules on one device."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline
 
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       num_train_timesteps=1000, prediction_type=prediction_type,
-                                       timestep_spacing="leading", steps_offset=1)
+    scheduler = sample_scheduler(prediction_type, bool(getattr(model, "zero_terminal_snr", False)))
     pipe = StableDiffusionXLPipeline(vae=model.vae, text_encoder=model.te1, text_encoder_2=model.te2,
                                      tokenizer=model.tokenizer1, tokenizer_2=model.tokenizer2, unet=model.unet,
                                      scheduler=scheduler)

@@ -89,10 +89,12 @@ def log_tensorboard(writer, step: int, record: dict) -> None:
 
 
 def summary(run_dir, steps: int, skipped: int, device: torch.device) -> dict:
-    """The run at a glance, from its logged steps: loss start/end/min, eval loss, signal ranges, speed, memory."""
+    """The run at a glance, from its logged steps: loss start/end/min, eval loss, signal ranges, the first
+    should_stop step, speed, memory."""
     reader = RunReader(run_dir)
     try:
         rows = reader.steps()
+        rises = [e["step"] for e in reader.events(kind="should_stop") if (e.get("data") or {}).get("value")]
     finally:
         reader.close()
     losses = [r["loss"] for r in rows if r.get("loss") is not None and not r.get("skipped")]
@@ -107,6 +109,8 @@ def summary(run_dir, steps: int, skipped: int, device: torch.device) -> dict:
         vals = [r[name] for r in rows if isinstance(r.get(name), (int, float)) and not isinstance(r[name], bool)]
         if vals:
             out[f"{name}_min"], out[f"{name}_max"] = min(vals), max(vals)
+    if rises:
+        out["should_stop_step"] = rises[0]  # the first step at which the optimizer raised should_stop
     times = [r["step_time"] for r in rows if r.get("step_time")]
     if times:
         out["steps_per_s"] = len(times) / sum(times)

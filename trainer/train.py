@@ -441,7 +441,8 @@ class Trainer:
     # ---- saving and finishing (the pieces are in checkpoint.py and state.py) -------------------------------------
     def save_lora(self, path=None) -> str:
         """Write the LoRA (kohya keys, ss_* metadata) atomically; default: the configured output."""
-        path = checkpoint.save_lora(self.cfg, self.built, self.loop, self.store, path, stop_reason=self.stop_reason)
+        path = checkpoint.save_lora(self.cfg, self.built, self.loop, self.store, path, stop_reason=self.stop_reason,
+                                    summary=self._summary())
         self.saved.append(path)
         return path
 
