@@ -184,22 +184,41 @@ class EmoOptimizer(torch.optim.Optimizer):
 
     # ---- telemetry -------------------------------------------------------------------------------------
     def _publish(self, signals: dict, device_signals: dict | None = None):
-        """Host-side signals now; device-side ones stacked and transferred once, when telemetry is read."""
-        self._signals = dict(signals)
+        """Host-side signals now; device-side ones (0-dim tensors, in `device_signals` or as values of `signals`)
+        stacked into one tensor that is transferred once, when telemetry is read (see pending_signals)."""
+        device = {k: v for k, v in signals.items() if torch.is_tensor(v)}
+        device.update(device_signals or {})
+        self._signals = {k: v for k, v in signals.items() if k not in device}
         self._signals["should_stop"] = bool(self.should_stop)
-        if device_signals:
-            names = list(device_signals)
-            self._pending = (names, torch.stack([t.detach().float().reshape(()) for t in device_signals.values()]))
+        if device:
+            names = list(device)
+            self._pending = (names, torch.stack([t.detach().float().reshape(()) for t in device.values()]))
         else:
             self._pending = None
 
     @property
-    def telemetry(self) -> dict:
-        """The signals of the last step as python floats/bools (optimizers.md Part 2, sections f)."""
+    def pending_signals(self):
+        """The last step's device-side signals not read yet, as (names, 1-D float32 tensor on the device), or None.
+
+        A trainer that reads the loss anyway fetches this tensor in the same transfer (cat it with the loss,
+        one .tolist()) and hands the values back with resolve_signals(), so telemetry costs no extra sync."""
+        return self._pending
+
+    def resolve_signals(self, values) -> None:
+        """Give the host values of pending_signals (python floats, in its names' order)."""
         if self._pending is not None:
-            names, values = self._pending
-            self._signals.update(zip(names, values.tolist()))
+            names, _ = self._pending
+            if len(values) != len(names):
+                raise ValueError(f"resolve_signals: {len(values)} values for {len(names)} signals {names}")
+            self._signals.update(zip(names, (float(v) for v in values)))
             self._pending = None
+
+    @property
+    def telemetry(self) -> dict:
+        """The signals of the last step as python floats/bools (optimizers.md Part 2, sections f); reads
+        pending device signals itself (one transfer) unless resolve_signals() was given them."""
+        if self._pending is not None:
+            self.resolve_signals(self._pending[1].tolist())
         return dict(self._signals)
 
     def _write(self):

@@ -43,7 +43,7 @@ class TensorList(list):
 
     def _call(self, name, *args, **kw):
         out = _fe(name)(self, *(_arg(a) for a in args), **kw)
-        return self if name.endswith("_") else TensorList(out)
+        return self if name.endswith("_") else TensorList(out, self.groups)
 
     def mul_(self, other):
         return self._call("mul_", other)
@@ -116,7 +116,7 @@ class TensorList(list):
         return TensorList((t.clone() for t in self), self.groups)
 
     def norm(self, p=2):
-        return TensorList(_fe("norm")(self, p))
+        return TensorList(_fe("norm")(self, p), self.groups)
 
 
 class Batched(list):

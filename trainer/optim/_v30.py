@@ -21,7 +21,8 @@ def sh30_ratio(sigma: float) -> float:
 
 
 def softsign(x):
-    return x / (1 + x.abs())
+    """x / (1 + |x|), as methods so it also runs on a Batched."""
+    return x.div(x.abs().add_(1))
 
 
 class EmoV30(EmoOptimizer):

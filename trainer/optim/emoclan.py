@@ -8,6 +8,7 @@ import torch
 
 from . import _emotion as emo
 from ._base import EmoOptimizer
+from ._tensors import batch, div_into, sq_means
 from ._v30 import sh30_ratio
 
 
@@ -20,23 +21,26 @@ def lynx_phase(p, g, st, lr, s, wd_lynx, betas, lynx_betas, eps, wd):
     m.mul_(b2).add_(g, alpha=1.0 - b2)
 
 
-def fact_phase(p, g, st, lr, s, wd_lynx, betas, lynx_betas, eps, wd):
+def fact_matrix_phase(p, g, st, lr, s, wd_lynx, betas, lynx_betas, eps, wd):
+    b1, b2 = betas
+    g = batch(g)  # foreach: the same-shape gradients stacked, one batched op per shape
+    r, c = sq_means(g.float())
+    st["exp_avg_r_fact"].mul_(b1).add_(r.add_(eps).sqrt_(), alpha=1 - b1)
+    st["exp_avg_c_fact"].mul_(b1).add_(c.add_(eps).sqrt_(), alpha=1 - b1)
+    update = batch(st["exp_avg_r_fact"]).mul(batch(st["exp_avg_c_fact"]))  # float32; one temporary for the update
+    update.sqrt_().add_(eps)
+    update = div_into(g, update)
+    p.mul_(1 - wd * lr)
+    p.add_(update, alpha=-lr * (1 - s))
+
+
+def fact_vector_phase(p, g, st, lr, s, wd_lynx, betas, lynx_betas, eps, wd):
     b1, b2 = betas
     g32 = g.float()
-    if g.dim() >= 2:
-        g2 = g32 * g32
-        r = g2.mean(dim=tuple(range(1, g.dim())), keepdim=True).add_(eps)
-        c = g2.mean(dim=0, keepdim=True).add_(eps)
-        st["exp_avg_r_fact"].mul_(b1).add_(r.sqrt_(), alpha=1 - b1)
-        st["exp_avg_c_fact"].mul_(b1).add_(c.sqrt_(), alpha=1 - b1)
-        update = st["exp_avg_r_fact"] * st["exp_avg_c_fact"]  # float32; one temporary for the whole update
-        update.sqrt_().add_(eps)
-        update = torch.div(g, update, out=update) if torch.result_type(g, update) == update.dtype else g / update
-    else:
-        m, v = st["exp_avg_fact"], st["exp_avg_sq_fact"]
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g32, g32, value=1 - b2)
-        update = m / v.sqrt().add_(eps)
+    m, v = st["exp_avg_fact"], st["exp_avg_sq_fact"]
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g32, g32, value=1 - b2)
+    update = m.div(v.sqrt().add_(eps))
     p.mul_(1 - wd * lr)
     p.add_(update, alpha=-lr * (1 - s))
 
@@ -51,6 +55,27 @@ def navi_phase(p, g, st, lr, s, wd_lynx, betas, lynx_betas, eps, wd):
     if wd:
         p.mul_(1 - lr * wd)
     p.addcdiv_(m, denom, value=-lr * (1 - s))
+
+
+def _every(p):
+    return True
+
+
+def _matrix(p):
+    return p.dim() >= 2
+
+
+def _vector(p):
+    return p.dim() < 2
+
+
+# phase -> [(rule, state keys, grouped by shape, which params)]
+PHASES = {
+    "lynx": [(lynx_phase, ("exp_avg_lynx",), False, _every)],
+    "fact": [(fact_matrix_phase, ("exp_avg_r_fact", "exp_avg_c_fact"), True, _matrix),
+             (fact_vector_phase, ("exp_avg_fact", "exp_avg_sq_fact"), False, _vector)],
+    "navi": [(navi_phase, ("exp_avg_navi", "exp_avg_sq_navi"), False, _every)],
+}
 
 
 class EmoClan(EmoOptimizer):
@@ -87,7 +112,7 @@ class EmoClan(EmoOptimizer):
         sigma = emo.scalar_s30(emo.update_ema(self.ema, loss, medium=False))
         self.hist.append(sigma)
         s = abs(sigma)
-        phase, rule = ("lynx", lynx_phase) if s > 0.6 else ("fact", fact_phase) if s > 0.3 else ("navi", navi_phase)
+        phase = "lynx" if s > 0.6 else "fact" if s > 0.3 else "navi"
         for group in self.param_groups:
             items = self._with_grad(group)
             for p, _, st in items:
@@ -96,8 +121,10 @@ class EmoClan(EmoOptimizer):
                 self._phase_state(p, st, phase)
             wd = group["weight_decay"]
             wd_lynx = wd / self._init_lr if group["decoupled_weight_decay"] else wd
-            self._apply(rule, items, (), per_tensor=True, lr=group["lr"], s=s, wd_lynx=wd_lynx,
-                        betas=group["betas"], lynx_betas=group["lynx_betas"], eps=group["eps"], wd=wd)
+            kw = dict(lr=group["lr"], s=s, wd_lynx=wd_lynx, betas=group["betas"], lynx_betas=group["lynx_betas"],
+                      eps=group["eps"], wd=wd)
+            for rule, keys, grouped, part in PHASES[phase]:
+                self._apply(rule, [it for it in items if part(it[0])], keys, grouped=grouped, **kw)
         quiet, avg_abs, var = emo.history_is_quiet(self.hist)
         if quiet:
             self.should_stop = True

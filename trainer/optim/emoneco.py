@@ -4,21 +4,19 @@ Upstream raises NameError('eps') as soon as a parameter's |sigma| enters (0.2, 0
 step uses the group's eps.
 """
 
-import torch
-
+from ._tensors import batch, whole_norm
 from ._v30 import EmoV30, softsign
 
 
 def neco_rule(p, g, st, lr, s, b1, b2, eps, wd):
     m = st["exp_avg"]
     p.mul_(1.0 - lr * wd)
-    blended = g.mul(1.0 - b1).add_(m, alpha=b1)
-    if 0.2 < s <= 0.5:
-        norm = torch.norm(g, dtype=torch.float32)
-        p.add_(-lr * (softsign(blended) * (norm + eps) * (1 - s)))
+    blended = batch(g.mul(1.0 - b1).add_(m, alpha=b1))  # foreach: stacked per shape for the zone's reductions
+    if 0.2 < s <= 0.5:  # -lr * (softsign(blended) * (norm + eps) * (1 - s))
+        p.add_(softsign(blended).mul_(whole_norm(batch(g)).add(eps)).mul_(1 - s).mul_(-lr))
     else:  # cautious Lion: step only where the blended direction agrees with the raw gradient's sign
         direction = blended.sign_()  # direction * agree is in {-1, 0, +1}: one rounding, as p.add_(., alpha)
-        p.addcmul_(direction, g.sign().eq_(direction), value=-lr * (1 - s))
+        p.addcmul_(direction, batch(g).sign().eq_(direction), value=-lr * (1 - s))
     m.mul_(b2).add_(g, alpha=1.0 - b2)
 
 
@@ -38,5 +36,5 @@ class EmoNeco(EmoV30):
     def _update(self, group, items, sigma):
         b1, b2 = group["betas"]
         wd = group["weight_decay"] / self._init_lr if self.decoupled_wd else group["weight_decay"]
-        self._apply(neco_rule, items, ("exp_avg",), per_tensor=True, lr=group["lr"], s=abs(sigma), b1=b1, b2=b2,
+        self._apply(neco_rule, items, ("exp_avg",), grouped=True, lr=group["lr"], s=abs(sigma), b1=b1, b2=b2,
                     eps=group["eps"], wd=wd)

@@ -5,15 +5,19 @@ upstream multiplies by rho (a quirk that makes phi cycle 0.1, 1, 1); kept as is.
 are accepted and unused, as upstream.
 """
 
-import math
+import torch
 
 from ._v39 import EmoV39
 from ._wref import group0_l1
 
 
-def tion_rule(p, g, st, pulse, alpha):
+def tion_rule(p, g, st, pulse, alpha, keep):
+    """m <- (1 - alpha) m + alpha g; p <- p - pulse sign(m). alpha/keep: floats, or 0-dim device tensors."""
     m = st["exp_avg"]
-    m.mul_(1.0 - alpha).add_(g, alpha=alpha)
+    if isinstance(alpha, float):
+        m.mul_(keep).add_(g, alpha=alpha)
+    else:
+        m.mul_(keep).add_(g.mul(alpha))
     p.add_(m.sign(), alpha=-pulse)
 
 
@@ -22,27 +26,33 @@ class EmoTion(EmoV39):
         super().__init__(params, lr, eps, betas, *args, **kw)
         self.beta3 = 1.0 - betas[0]  # from the constructor betas, not the group's: upstream
         self.prev_gl1 = None
-        self.g_freshness = 1.0
+        self.g_freshness = 1.0  # a float, or in foreach mode a 0-dim float64 device tensor (no host read)
 
     def _init_moments(self, p, state):
         state["exp_avg"] = self._zeros(p)
 
     def _before_update(self):
         gl1 = group0_l1(self)
-        rho = None
-        if self.prev_gl1 is not None:
-            prev = self.prev_gl1.to(gl1.device)
-            rho = (abs(gl1 - prev) / (prev + 1e-8)).item()  # the one host sync EmoTion needs
-            self.g_freshness = max(math.tanh(rho / 0.03), self.beta3)
-            gl1 = gl1 * rho
-        else:
+        if self.prev_gl1 is None:
+            self.prev_gl1 = gl1
             self.g_freshness = 1.0
-        self.prev_gl1 = gl1
-        return {"freshness": self.g_freshness, "rho": rho if rho is not None else 0.0}
+            return {"freshness": 1.0, "rho": 0.0}
+        prev = self.prev_gl1.to(gl1.device)
+        rho = (gl1 - prev).abs_().div_(prev + 1e-8)
+        # upstream does this in python floats (double): the same on the device in float64
+        fresh = torch.tanh(rho.double() / 0.03).clamp_min_(self.beta3)
+        device = self._uses_foreach(self.param_groups[0]["params"])
+        self.g_freshness = fresh if device else fresh.item()  # per tensor (the CPU default) a host float
+        self.prev_gl1 = gl1 * rho
+        return {"freshness": self.g_freshness, "rho": rho}
 
     def _update(self, group, items, pulse):
         alpha = (1.0 - group["betas"][0]) * self.g_freshness
-        self._apply(tion_rule, items, ("exp_avg",), pulse=pulse, alpha=alpha)
+        keep = 1.0 - alpha
+        if torch.is_tensor(alpha) and items:  # the foreach kernels take a scalar tensor of the compute dtype
+            dtype = self._compute_dtype(items[0][0])
+            alpha, keep = alpha.to(dtype), keep.to(dtype)
+        self._apply(tion_rule, items, ("exp_avg",), pulse=pulse, alpha=alpha, keep=keep)
 
     def _extra_state(self):
         return {**super()._extra_state(), "prev_gl1": self.prev_gl1, "g_freshness": self.g_freshness}

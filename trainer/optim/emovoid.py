@@ -29,7 +29,7 @@ class EmoVoid(EmoV39):
         rho = 1.0
         if self.prev_gl1 is not None and k <= WARMUP_LAST:
             prev = self.prev_gl1.to(gl1.device)
-            rho = (prev / (gl1 + 1e-8)).item()
+            rho = prev / (gl1 + 1e-8)  # stays on the device: the multiply takes it as a scalar tensor
             torch._foreach_mul_(self.param_groups[0]["params"], rho)
             gl1 = gl1 * rho
         self.prev_gl1 = gl1

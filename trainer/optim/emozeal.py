@@ -4,28 +4,25 @@ Upstream allocates a >=2-D `exp_avg` that it never updates, so its "blended" gra
 we compute exactly that without allocating the dead tensor (0 full-size states for >=2-D parameters).
 """
 
-import torch
-
+from ._tensors import batch, div_into, sq_means, whole_norm
 from ._v30 import EmoV30, softsign
 
 
 def zeal_matrix_rule(p, g, st, lr, s, b1, b2, eps, wd):
-    g2 = g * g
-    r = g2.mean(dim=tuple(range(1, g.dim())), keepdim=True).add_(eps)
-    c = g2.mean(dim=0, keepdim=True).add_(eps)
+    g = batch(g)  # foreach: the same-shape gradients stacked, one batched op per shape
+    r, c = sq_means(g)
     # blended = (1 - beta1) * g (+ beta1 * exp_avg, which upstream never updates from 0), only where a zone uses it
     if s > 0.6:  # cautious: the mask keeps where the blended and raw gradients agree in sign
         direction = g.mul(1 - b1).sign()
-        p.add_(direction * (direction == g.sign()) * (1 - s), alpha=-lr)
-    elif s > 0.1:  # softsign step scaled by the whole-tensor gradient norm
-        norm = torch.norm(g, dtype=torch.float32)
-        p.add_(-lr * (softsign(g.mul(1 - b1)) * (norm + eps) * (1 - s)))
-    st["exp_avg_r"].mul_(b1).add_(r.sqrt_(), alpha=1 - b1)
-    st["exp_avg_c"].mul_(b1).add_(c.sqrt_(), alpha=1 - b1)
-    update = st["exp_avg_r"] * st["exp_avg_c"]  # one full-size temporary for sqrt(r*c) + eps and g / denom
+        p.add_(direction.mul(direction.eq(g.sign())).mul_(1 - s), alpha=-lr)
+    elif s > 0.1:  # softsign step scaled by the whole-tensor gradient norm: -lr * (softsign * (norm + eps) * (1 - s))
+        p.add_(softsign(g.mul(1 - b1)).mul_(whole_norm(g).add(eps)).mul_(1 - s).mul_(-lr))
+    st["exp_avg_r"].mul_(b1).add_(r.add_(eps).sqrt_(), alpha=1 - b1)
+    st["exp_avg_c"].mul_(b1).add_(c.add_(eps).sqrt_(), alpha=1 - b1)
+    update = batch(st["exp_avg_r"]).mul(batch(st["exp_avg_c"]))  # one full-size temporary for sqrt(r*c) + eps
     update.sqrt_().add_(eps)
     p.add_(p, alpha=-wd * lr)
-    p.add_(torch.div(g, update, out=update), alpha=-lr * (1 - s))
+    p.add_(div_into(g, update), alpha=-lr * (1 - s))
 
 
 def zeal_vector_rule(p, g, st, lr, s, b1, b2, eps, wd):
@@ -57,5 +54,5 @@ class EmoZeal(EmoV30):
         b1, b2 = group["betas"]
         kw = dict(lr=group["lr"], s=abs(sigma), b1=b1, b2=b2, eps=group["eps"], wd=group["weight_decay"])
         self._apply(zeal_matrix_rule, [it for it in items if it[0].dim() >= 2], ("exp_avg_r", "exp_avg_c"),
-                    per_tensor=True, **kw)
+                    grouped=True, **kw)
         self._apply(zeal_vector_rule, [it for it in items if it[0].dim() < 2], ("exp_avg", "exp_avg_sq"), **kw)
