@@ -4,6 +4,7 @@ Every image is decoded once here, so a truncated or unreadable file is reported 
 model loads, and its sha256 (the cache key) and size (for the bucket) are known up front.
 """
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS, ImageError, load_image
+from .masks import MASK_SUFFIX, is_mask_stem, mask_file_for, read_mask
 
 log = logging.getLogger("emolora.data")
 
@@ -30,6 +32,8 @@ class DataItem:
     repeats: int
     sha256: str  # of the file's bytes: an edited image gets a new key, so nothing stale is read from a cache
     size: tuple[int, int]  # (width, height) after EXIF orientation
+    mask: Path | None = None  # the loss mask's file (the image itself for alpha masks); None: the whole image
+    mask_channel: str = "L"  # "L": the mask file's luminance, "A": the alpha channel
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,10 @@ def _read_caption(path: Path) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def scan_dataset(root, *, caption_extensions=CAPTION_EXTENSIONS, default_repeats: int = 1):
-    """Walk `root` recursively -> (items sorted by path, report). Raises DatasetError if nothing is usable."""
+def scan_dataset(root, *, caption_extensions=CAPTION_EXTENSIONS, default_repeats: int = 1, mask: str = "off"):
+    """Walk `root` recursively -> (items sorted by path, report). Raises DatasetError if nothing is usable.
+    mask: "file" pairs each image with its `<stem>_mask.png`, "alpha" uses the image's alpha channel; a
+    `<stem>_mask` file is never a training image of its own."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"data folder not found: {root}")
@@ -107,8 +113,15 @@ def scan_dataset(root, *, caption_extensions=CAPTION_EXTENSIONS, default_repeats
                 "caption" if ext.lower() in caption_extensions else "other")
             groups.setdefault(stem, {"image": [], "caption": [], "other": []})[kind].append(path)
         n_before = len(items)
+        image_stems = {stem for stem, g in groups.items() if g["image"]}
+        images_by_stem = {stem: g["image"] for stem, g in groups.items()}
         for stem in sorted(groups):
             g = groups[stem]
+            if is_mask_stem(stem, image_stems):
+                if mask != "file":
+                    for path in g["image"]:
+                        report.add(path, "ignored", "a loss mask, and masked loss is off (mask='file' uses it)")
+                continue
             for path in g["other"]:
                 report.add(path, "ignored", "not an image or a caption file")
             captions = sorted(g["caption"], key=lambda p: caption_extensions.index(p.suffix.lower()))
@@ -123,6 +136,8 @@ def scan_dataset(root, *, caption_extensions=CAPTION_EXTENSIONS, default_repeats
                     report.add(image, "skipped", "its kohya folder (N_name) has a repeat count of 0")
                     continue
                 item = _make_item(image, captions[0] if captions else None, repeats, class_token, report)
+                if item is not None and mask != "off":
+                    item = _with_mask(item, mask, images_by_stem, report)
                 if item is not None:
                     items.append(item)
         if len(items) > n_before:
@@ -134,6 +149,27 @@ def scan_dataset(root, *, caption_extensions=CAPTION_EXTENSIONS, default_repeats
         hint = f" ({len(report.lines)} files reported above)" if report.lines else ""
         raise DatasetError(f"no usable image with a caption in {root}{hint}")
     return items, report
+
+
+def _with_mask(item: DataItem, mode: str, images_by_stem: dict, report) -> DataItem | None:
+    """The item with its checked mask; a bad mask file skips the image (training it unmasked would teach what
+    the mask was meant to hide), a missing one trains the whole image with a note."""
+    path, channel = (mask_file_for(item.image, images_by_stem), "L") if mode == "file" else (item.image, "A")
+    if path is None:
+        report.add(item.image, "note", f"no mask file ({item.image.stem}{MASK_SUFFIX}.png): the whole image trains")
+        return item
+    try:
+        read_mask(path, channel, item.size)
+    except ImageError as e:
+        if mode == "alpha":
+            report.add(item.image, "note", f"{e}: the whole image trains")
+            return item
+        report.add(item.image, "skipped", str(e))
+        return None
+    except OSError as e:
+        report.add(item.image, "skipped", f"cannot read its mask {path.name}: {e.strerror or e}")
+        return None
+    return dataclasses.replace(item, mask=path, mask_channel=channel)
 
 
 def _make_item(image: Path, caption_file, repeats, class_token, report) -> DataItem | None:
@@ -164,3 +200,17 @@ def _make_item(image: Path, caption_file, repeats, class_token, report) -> DataI
     if note or token_note:
         report.add(image, "converted" if note else "note", "; ".join(n for n in (note, token_note) if n))
     return DataItem(image, caption, repeats, hashlib.sha256(data).hexdigest(), img.size)
+
+
+def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """-> (training items, validation items): round(fraction x n) images (at least 1, and at least 1 left to
+    train on) held out, chosen by content and seed, so the same folder always splits the same way whatever
+    the file order."""
+    if not fraction:
+        return list(items), []
+    if len(items) < 2:
+        raise DatasetError(f"validation_split needs at least 2 images, the data folder has {len(items)}")
+    n_val = min(len(items) - 1, max(1, round(fraction * len(items))))
+    ranked = sorted(range(len(items)), key=lambda i: hashlib.sha256(f"{seed}|{items[i].sha256}".encode()).digest())
+    held = set(ranked[:n_val])
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]

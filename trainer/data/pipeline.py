@@ -16,6 +16,7 @@ from .buckets import apply_crop, assign_bucket, make_buckets, plan_crop
 from .cache import FeatureCache, latent_key, text_key
 from .captions import process_caption
 from .images import load_image, to_tensor_array
+from .masks import LATENT_CELL, latent_mask, read_mask
 from .sampler import BucketBatchSampler
 
 log = logging.getLogger("emolora.data")
@@ -31,6 +32,9 @@ class Batch:
     time_ids: torch.Tensor  # (B, 6) float32: SDXL's add_time_ids
     prompt_embeds: torch.Tensor | None = None  # (B, 77, 2048) when text-encoder outputs are cached
     pooled: torch.Tensor | None = None  # (B, 1280)
+    mask: torch.Tensor | None = None  # (B, 1, h, w) loss weights on the latent grid, when any item has a mask
+    offset: int = 0  # under several ranks: this shard's first row in the global batch (trainer/distributed.py)
+    global_rows: int | None = None  # rows of the whole global batch; None: this batch is the whole of it
 
 
 class TrainingData:
@@ -59,6 +63,7 @@ class TrainingData:
         self.sampler = BucketBatchSampler([ids[b] for b in self.bucket_of], [it.repeats for it in self.items],
                                           cfg.batch_size, cfg.seed)
         self._epoch_cache: tuple = (None, [])
+        self._masks: dict = {}  # (item, crop) -> latent-grid mask: read once, small
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -147,6 +152,17 @@ class TrainingData:
                                         caption_dropout=cfg.caption_dropout) for c in captions]
         return self._assemble(indices, crops, captions)
 
+    def fixed_batches(self, batch_size: int) -> list[Batch]:
+        """Every item once, centred and unaugmented, in batches of one bucket each (the validation set)."""
+        out = []
+        for bucket in sorted(set(self.bucket_of)):
+            members = [i for i, b in enumerate(self.bucket_of) if b == bucket]
+            for k in range(0, len(members), max(1, batch_size)):
+                chunk = members[k:k + max(1, batch_size)]
+                crops = [plan_crop(self.items[i].size, bucket) for i in chunk]
+                out.append(self._assemble(chunk, crops, [self.items[i].caption for i in chunk]))
+        return out
+
     def fixed_batch(self, n: int) -> Batch:
         """A fixed evaluation batch: up to n items of the most populated bucket, centred, unaugmented."""
         counts = self.bucket_counts()
@@ -169,7 +185,7 @@ class TrainingData:
         else:
             latents = self._encode_pixels(indices, crops)
         time_ids = torch.tensor([c.time_ids for c in crops], dtype=torch.float32)
-        batch = Batch(list(indices), list(captions), latents, time_ids)
+        batch = Batch(list(indices), list(captions), latents, time_ids, mask=self._batch_mask(indices, crops))
         if self.text_cache is not None:
             embeds, pooled = [], []
             for c in captions:
@@ -182,3 +198,18 @@ class TrainingData:
                 pooled.append(entry["pooled"])
             batch.prompt_embeds, batch.pooled = torch.stack(embeds), torch.stack(pooled)
         return batch
+
+    def _batch_mask(self, indices, crops) -> torch.Tensor | None:
+        if all(self.items[i].mask is None for i in indices):
+            return None
+        masks = []
+        for i, crop in zip(indices, crops):
+            it = self.items[i]
+            if it.mask is None:
+                bw, bh = crop.bucket
+                masks.append(torch.ones(1, bh // LATENT_CELL, bw // LATENT_CELL))
+                continue
+            if (i, crop) not in self._masks:
+                self._masks[(i, crop)] = latent_mask(read_mask(it.mask, it.mask_channel, it.size), crop)
+            masks.append(self._masks[(i, crop)])
+        return torch.stack(masks)
