@@ -10,10 +10,12 @@ API (used by the training loop):
     encode_prompts(model, captions, *, device=None) -> (prompt_embeds [B,77,ctx], pooled [B,pool])
     encode_latents(model, images, *, generator=None, sample=True) -> latents * scaling_factor (fp32)
     LoRANetwork(model, rank=16, alpha=16.0, dropout=0.0, conv_rank=0, conv_alpha=1.0, train_te=False,
-                te_rank=None, *, te_alpha=None, multiplier=1.0)
+                te_rank=None, *, te_alpha=None, multiplier=1.0, network="lora"|"loha"|"lokr", dora=False,
+                rslora=False, lokr_factor=-1, lokr_full_matrix=False, lokr_decompose_both=False)
         .trainable_parameters() .param_groups(unet_lr, te_lr=None) .kohya_state_dict(dtype=fp16)
-        .load_kohya(path_or_state_dict, *, strict=True) -> {"loaded", "missing", "unknown"}
-        .set_multiplier(m) .remove() .to(device); .loras: kohya name -> LoRAModule
+        .load_weights(path_or_state_dict, *, strict=True) -> {"loaded", "missing", "unknown", "steps_before"}
+        .set_multiplier(m) .remove() .to(device); .loras: kohya name -> adapter (adapters/)
+    load_network_weights(network, path_or_state_dict, *, strict=True): continue from a LoRA/LoHa/LoKr/DoRA file
     save_lora(path, network, metadata, dtype=fp16): atomic write, adds sshs_model_hash / sshs_legacy_hash
     kohya_metadata(*, network, model, output_name, steps, epoch, learning_rate, ..., extra=None, **ss)
         -> dict[str, str]; any extra keyword k becomes ss_k, `extra` passes through (emolora_* keys)
@@ -26,6 +28,7 @@ from .errors import LoRAError, ModelError
 from .export import kohya_metadata, save_lora
 from .loader import SDXLModel, load_sdxl
 from .lora import LoRANetwork
+from .lora_file import load_network_weights
 from .tiny import build_tiny_sdxl, build_vega_layout, tiny_model_path
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "encode_latents",
     "encode_prompts",
     "kohya_metadata",
+    "load_network_weights",
     "load_sdxl",
     "save_lora",
     "tiny_model_path",

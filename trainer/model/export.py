@@ -14,6 +14,7 @@ import torch
 
 from ..atomic import atomic_write_bytes
 from . import hashes
+from .errors import NonFiniteLoRAError
 
 BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's value for every SDXL-family base, v-pred included
 ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
@@ -71,15 +72,14 @@ def kohya_metadata(
     now = time.time()
     started = training_started_at if training_started_at is not None else now
     finished = training_finished_at if training_finished_at is not None else now
-    net_args = {}
-    if network.conv_rank:
-        net_args.update(conv_dim=str(network.conv_rank), conv_alpha=str(network.conv_alpha))
+    network_module, net_args = network_module_and_args(network)
+    steps_before = int(getattr(network, "steps_before", 0) or 0)
     if isinstance(optimizer_args, dict):
         optimizer_args = ",".join(f"{k}={v}" for k, v in optimizer_args.items())
     meta = {
         "ss_v2": "False",
         "ss_base_model_version": BASE_MODEL_VERSION,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": network.rank,
         "ss_network_alpha": network.alpha,
         "ss_network_args": net_args,
@@ -87,7 +87,7 @@ def kohya_metadata(
         "ss_output_name": output_name,
         "ss_training_started_at": started,
         "ss_training_finished_at": finished,
-        "ss_steps": steps,
+        "ss_steps": steps + steps_before,  # cumulative over continued files
         "ss_epoch": epoch,
         "ss_resolution": f"({w}, {h})",
         "ss_learning_rate": learning_rate,
@@ -120,8 +120,34 @@ def kohya_metadata(
             "modelspec.timestep_range": f"{timestep_range[0]},{timestep_range[1]}" if timestep_range else None,
         }
     )
+    if steps_before or getattr(network, "weights_source", None):
+        meta.update(emolora_steps_before=steps_before, emolora_network_weights=network.weights_source)
     meta.update(extra or {})
     return {k: _str(v) for k, v in meta.items() if v is not None}
+
+
+def network_module_and_args(network) -> tuple[str, dict]:
+    """ss_network_module and ss_network_args as kohya (plain LoRA/LoCon) or LyCORIS (anything else) write them:
+    LyCORIS's own argument names, every value a string."""
+    args = {}
+    kind = getattr(network, "network_type", "lora")
+    if network.conv_rank:
+        args.update(conv_dim=str(network.conv_rank), conv_alpha=str(network.conv_alpha))
+    if kind == "lora" and not getattr(network, "dora", False) and not getattr(network, "rslora", False):
+        return "networks.lora", args
+    args = {"algo": kind, **args}
+    if network.dora:
+        args.update(dora_wd="True", wd_on_output="False")  # input-axis magnitudes: see adapters/base.py
+    if network.rslora:
+        args["rs_lora"] = "True"
+    if kind == "lokr":
+        opts = network.lokr_options
+        args["factor"] = str(opts["lokr_factor"])
+        if opts["lokr_full_matrix"]:
+            args["full_matrix"] = "True"
+        if opts["lokr_decompose_both"]:
+            args["decompose_both"] = "True"
+    return "lycoris.kohya", args
 
 
 def save_lora(path, network, metadata: dict, dtype: torch.dtype = torch.float16) -> str:
@@ -131,6 +157,10 @@ def save_lora(path, network, metadata: dict, dtype: torch.dtype = torch.float16)
 
     path = os.fspath(path)
     sd = network.kohya_state_dict(dtype)
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # the last guard: a file that would load as NaN is never written (the previous one stays)
+        raise NonFiniteLoRAError(f"{path}: not written: {len(bad)} of {len(sd)} tensors are not finite "
+                                 f"(in {dtype}), e.g. {bad[0]}")
     meta = {str(k): _str(v) for k, v in metadata.items() if v is not None}
     probe = save(sd, {k: v for k, v in meta.items() if k.startswith("ss_")})
     meta["sshs_model_hash"] = hashes.safetensors_data_hash(probe)

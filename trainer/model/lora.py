@@ -1,95 +1,53 @@
-"""kohya-compatible LoRA/LoCon injected into the diffusers SDXL UNet (and optionally both CLIPs).
+"""LoRA-family networks (LoRA/LoCon with DoRA or rsLoRA, LoHa, LoKr) injected into the diffusers SDXL UNet
+(and optionally both CLIPs).
 
 Targets follow kohya's networks.lora for SDXL: every Linear / 1x1 Conv inside Transformer2DModel
 (attn1/attn2 q,k,v,out, ff.net.0.proj, ff.net.2, proj_in, proj_out: 722 modules on SDXL base); with
 conv_rank > 0 also ResnetBlock2D/Downsample2D/Upsample2D (3x3 convs get conv_rank, their Linear and
-1x1 shortcut get rank, as kohya does); text encoders: CLIPAttention and CLIPMLP linears.
-Modules are named by the ORIGINAL SDXL names (lora_unet_input_blocks_4_1_...), so exports load in
-ComfyUI, A1111/Forge, kohya and diffusers without conversion.
+1x1 shortcut get rank, as kohya does); text encoders: CLIPAttention and CLIPMLP linears. The same targets for
+every adapter type (adapters/). Modules are named by the ORIGINAL SDXL names (lora_unet_input_blocks_4_1_...),
+so exports load in ComfyUI, A1111/Forge, kohya and (LoRA, rsLoRA) diffusers without conversion.
 
 Base modules are swapped for a wrapper in their parent (undone by remove(); meanwhile the host's
-state_dict names gain `.base.`). The LoRA weights are owned by the network, not the host model, so
+state_dict names gain `.base.`). The adapter weights are owned by the network, not the host model, so
 host dtype casts, requires_grad_(False), parameters() and state_dict() never include them. They stay
-fp32 whatever the base dtype; the forward casts.
+fp32 whatever the base dtype; the forward computes in the autocast (or input) dtype.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import sdxl_keys as K
+from .adapters import ADAPTERS, NETWORK_TYPES, LoRAAdapter
 from .convert import canonical_te_name
 from .errors import LoRAError
 
 log = logging.getLogger(__name__)
+
+LoRAModule = LoRAAdapter  # the plain LoRA adapter under its earlier name
 
 UNET_TRANSFORMER = {"Transformer2DModel"}
 UNET_CONV_BLOCKS = {"ResnetBlock2D", "Downsample2D", "Upsample2D"}
 TE_BLOCKS = {"CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP"}
 
 
-class LoRAModule(nn.Module):
-    """The trainable low-rank pair for one base Linear or Conv2d."""
-
-    def __init__(self, name: str, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        self.lora_name = name
-        self.rank = int(rank)
-        dev = base.weight.device
-        if isinstance(base, nn.Conv2d):
-            self.lora_down = nn.Conv2d(
-                base.in_channels,
-                rank,
-                base.kernel_size,
-                base.stride,
-                base.padding,
-                base.dilation,
-                bias=False,
-                device=dev,
-            )
-            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False, device=dev)
-        else:
-            self.lora_down = nn.Linear(base.in_features, rank, bias=False, device=dev)
-            self.lora_up = nn.Linear(rank, base.out_features, bias=False, device=dev)
-        # kohya/Microsoft init: down kaiming-uniform, up zero, so training starts at the base model.
-        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_up.weight)
-        self.set_alpha(alpha)
-        self.dropout = float(dropout)
-        self.multiplier = 1.0
-
-    def set_alpha(self, alpha) -> None:
-        alpha = float(alpha) if alpha else float(self.rank)  # kohya: alpha 0/None means alpha = rank
-        self.alpha = alpha
-        self.scale = alpha / self.rank  # a Python float: no device sync per forward
-
-    def delta(self, x: torch.Tensor, training: bool) -> torch.Tensor:
-        h = x.to(self.lora_down.weight.dtype)
-        if training and self.dropout > 0:
-            h = F.dropout(h, p=self.dropout, training=True)
-        return self.lora_up(self.lora_down(h)) * (self.scale * self.multiplier)
-
-
 class LoRAWrapper(nn.Module):
     """Stands in for a base module in its parent: forward = base(x) + lora delta. The LoRA is held
     outside the module registry so the host model's parameters/state_dict stay the base's own."""
 
-    def __init__(self, base: nn.Module, lora: LoRAModule):
+    def __init__(self, base: nn.Module, lora):
         super().__init__()
         self.base = base
         object.__setattr__(self, "lora", lora)
 
     def forward(self, x, *args, **kwargs):
-        out = self.base(x, *args, **kwargs)
         if self.lora.multiplier == 0:
-            return out
-        return out + self.lora.delta(x, self.training).to(out.dtype)
+            return self.base(x, *args, **kwargs)
+        return self.lora(self.base, x, args, kwargs, self.training)
 
     def __getattr__(self, name):
         # Code that reads e.g. `module.weight.dtype` or `in_features` keeps working.
@@ -109,7 +67,12 @@ def _children(block: nn.Module):
 
 
 class LoRANetwork(nn.Module):
-    """LoRA over an SDXLModel. Freezes the base networks; only LoRA weights require grad."""
+    """A LoRA-family network over an SDXLModel. Freezes the base networks; only adapter weights require grad.
+
+    network: "lora" (LoCon on convs), "loha" or "lokr"; dora: weight-decomposed (DoRA) adapters; rslora: scale
+    alpha / sqrt(rank) instead of alpha / rank; lokr_factor / lokr_full_matrix / lokr_decompose_both: LyCORIS's
+    factor (-1: as balanced as the dimension allows), full_matrix and decompose_both for LoKr.
+    """
 
     def __init__(
         self,
@@ -124,10 +87,25 @@ class LoRANetwork(nn.Module):
         *,
         te_alpha: float | None = None,
         multiplier: float = 1.0,
+        network: str = "lora",
+        dora: bool = False,
+        rslora: bool = False,
+        lokr_factor: int = -1,
+        lokr_full_matrix: bool = False,
+        lokr_decompose_both: bool = False,
     ):
         super().__init__()
         if rank < 1:
             raise LoRAError(f"rank must be >= 1, got {rank}")
+        if network not in ADAPTERS:
+            raise LoRAError(f"network must be one of {', '.join(NETWORK_TYPES)}, got {network!r}")
+        if lokr_factor == 0 or lokr_factor < -1:
+            raise LoRAError(f"lokr_factor must be -1 or >= 1, got {lokr_factor}")
+        self.network_type, self.dora, self.rslora = network, bool(dora), bool(rslora)
+        self.lokr_options = dict(lokr_factor=int(lokr_factor), lokr_full_matrix=bool(lokr_full_matrix),
+                                 lokr_decompose_both=bool(lokr_decompose_both))
+        self.steps_before = 0  # steps of a file this network continues (load_network_weights)
+        self.weights_source: str | None = None  # that file's name
         self.rank, self.alpha, self.dropout = int(rank), float(alpha), float(dropout)
         self.conv_rank, self.conv_alpha = int(conv_rank or 0), float(conv_alpha)
         self.train_te = bool(train_te)
@@ -145,8 +123,9 @@ class LoRANetwork(nn.Module):
         if self.train_te:
             for index, te in ((1, model.te1), (2, model.te2)):
                 targets += self._te_targets(index, te)
+        opts = dict(dropout=dropout, rslora=self.rslora, dora=self.dora, **self.lokr_options)
         for name, parent, child_name, base, r, a in targets:
-            lora = LoRAModule(name, base, r, a, dropout)
+            lora = ADAPTERS[network](name, base, r, a, **opts)
             self.loras[name] = lora
             wrapper = LoRAWrapper(base, lora)
             setattr(parent, child_name, wrapper)
@@ -194,12 +173,9 @@ class LoRANetwork(nn.Module):
 
     # ------------------------------------------------------------------ training API
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """LoRA weights in a stable order: sorted by kohya name, down before up."""
-        return [
-            p
-            for name in sorted(self.loras)
-            for p in (self.loras[name].lora_down.weight, self.loras[name].lora_up.weight)
-        ]
+        """Adapter weights in a stable order: sorted by kohya name, each module's factors in export order
+        (LoRA: down before up), then DoRA's magnitude."""
+        return [p for name in sorted(self.loras) for p in self.loras[name].trainable()]
 
     def param_groups(self, unet_lr: float, te_lr=None) -> list[dict]:
         """Optimizer param groups: UNet, TE1, TE2 (te_lr: one value, a (te1, te2) pair, or None = unet_lr)."""
@@ -207,9 +183,7 @@ class LoRANetwork(nn.Module):
         spec = (("unet", "lora_unet_", unet_lr), ("te1", "lora_te1_", te_lrs[0]), ("te2", "lora_te2_", te_lrs[1]))
         groups = []
         for group, prefix, lr in spec:
-            params = [
-                p for name in sorted(self.loras) if name.startswith(prefix) for p in self.loras[name].parameters()
-            ]
+            params = [p for name in sorted(self.loras) if name.startswith(prefix) for p in self.loras[name].trainable()]
             if params:
                 groups.append({"params": params, "lr": unet_lr if lr is None else lr, "name": group})
         return groups
@@ -219,80 +193,32 @@ class LoRANetwork(nn.Module):
         for lora in self.loras.values():
             lora.multiplier = self.multiplier
 
-    # ------------------------------------------------------------------ kohya format
+    # ------------------------------------------------------------------ files
     def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-        """`<name>.lora_down.weight` / `.lora_up.weight` in `dtype`, `<name>.alpha` as a 0-dim fp32 tensor
-        (kept fp32 so a non-representable alpha such as 0.3 round-trips exactly)."""
+        """`<name>.<tensor>` in the kohya/LyCORIS layout of the network type, in `dtype`; `<name>.alpha` as a
+        0-dim fp32 tensor (kept fp32 so a non-representable alpha such as 0.3 round-trips exactly)."""
         sd = {}
         for name in sorted(self.loras):
-            lora = self.loras[name]
-            sd[f"{name}.lora_down.weight"] = lora.lora_down.weight.detach().to("cpu", dtype).contiguous()
-            sd[f"{name}.lora_up.weight"] = lora.lora_up.weight.detach().to("cpu", dtype).contiguous()
-            sd[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=torch.float32)
+            for suffix, t in self.loras[name].export_tensors().items():
+                t = t if suffix == "alpha" else t.to("cpu", dtype)
+                sd[f"{name}.{suffix}"] = t.contiguous()
         return sd
 
-    def load_kohya(self, source, *, strict: bool = True) -> dict:
-        """Continue from a kohya-format LoRA (ours or kohya's; original or diffusers module spelling).
+    def load_weights(self, source, *, strict: bool = True) -> dict:
+        """Continue from a LoRA/LoHa/LoKr/DoRA file (ours, kohya's, LyCORIS's): see lora_file.load_network_weights."""
+        from .lora_file import load_network_weights
 
-        Each module adopts the file's alpha. Unknown modules raise LoRAError when strict; modules of this
-        network absent from the file keep their fresh init and are reported under "missing".
-        """
-        if isinstance(source, (str, os.PathLike)):
-            from safetensors.torch import load_file
+        return load_network_weights(self, source, strict=strict)
 
-            try:
-                sd = load_file(os.fspath(source))
-            except Exception as exc:
-                raise LoRAError(f"cannot read LoRA file {source}: {exc}") from exc
-        else:
-            sd = dict(source)
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in sd.items():
-            module, _, suffix = key.partition(".")
-            grouped.setdefault(self._aliases.get(module, module), {})[suffix] = value
-        unknown = sorted(n for n in grouped if n not in self.loras)
-        if unknown and strict:
-            raise LoRAError(
-                f"{len(unknown)} LoRA modules in the file have no counterpart in this network, e.g. {unknown[:3]} "
-                f"(network: rank {self.rank}, conv_rank {self.conv_rank}, train_te {self.train_te}); "
-                "create the network with matching conv_rank/train_te, or pass strict=False to skip them"
-            )
-        loaded = []
-        for name, parts in grouped.items():
-            if name not in self.loras:
-                continue
-            lora = self.loras[name]
-            extra = set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}
-            if extra or "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-                raise LoRAError(
-                    f"{name}: unsupported LoRA tensors {sorted(parts)} (only plain LoRA/LoCon is supported)"
-                )
-            down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-            if down.shape[0] != lora.rank:
-                raise LoRAError(
-                    f"rank mismatch for {name}: the file has rank {down.shape[0]}, the network rank {lora.rank}; "
-                    f"create LoRANetwork with rank={down.shape[0]} (conv_rank / te_rank for conv / text modules)"
-                )
-            if down.shape != lora.lora_down.weight.shape or up.shape != lora.lora_up.weight.shape:
-                raise LoRAError(
-                    f"shape mismatch for {name}: file {tuple(down.shape)}/{tuple(up.shape)}, network "
-                    f"{tuple(lora.lora_down.weight.shape)}/{tuple(lora.lora_up.weight.shape)} (LoRA of another base?)"
-                )
-            with torch.no_grad():
-                lora.lora_down.weight.copy_(down.to(lora.lora_down.weight))
-                lora.lora_up.weight.copy_(up.to(lora.lora_up.weight))
-            lora.set_alpha(parts["alpha"].item() if "alpha" in parts else lora.rank)
-            loaded.append(name)
-        missing = sorted(set(self.loras) - set(loaded))
-        if missing:
-            log.warning(
-                "LoRA file lacks %d of the network's modules (kept at init), e.g. %s", len(missing), missing[:3]
-            )
-        return {"loaded": len(loaded), "missing": missing, "unknown": unknown}
+    load_kohya = load_weights  # the earlier name
+
+    def alias(self, module: str) -> str:
+        """Our module name for a diffusers-spelled kohya name (the name itself otherwise)."""
+        return self._aliases.get(module, module)
 
     # ------------------------------------------------------------------ teardown
     def remove(self) -> None:
-        """Put the original base modules back; the LoRA weights stay available for export."""
+        """Put the original base modules back; the adapter weights stay available for export."""
         for parent, child_name, wrapper in reversed(self._wrapped):
             setattr(parent, child_name, wrapper.base)
         self._wrapped.clear()
