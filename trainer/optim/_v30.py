@@ -20,6 +20,28 @@ def sh30_ratio(sigma: float) -> float:
     return 0.0
 
 
+def shadow30_rule(p, g, st, ratio):
+    """SH30 blend, then the shadow follows p (in the compute dtype: a bf16 p is rounded once, on write-back)."""
+    shadow = st["shadow"]
+    p.mul_(1 - ratio).add_(shadow, alpha=ratio)
+    shadow.lerp_(p, 0.05)
+
+
+def shadow30(opt, items, ratio):
+    """SH30 over items sharing one ratio: a missing shadow is created as a copy of p (the lerp toward p that
+    follows upstream's creation leaves it unchanged), the others blend as one foreach call."""
+    if ratio <= 0:
+        return
+    blend = []
+    for item in items:
+        p, _, st = item
+        if "shadow" in st:
+            blend.append(item)
+        else:
+            st["shadow"] = p.detach().to(opt._compute_dtype(p), copy=True)
+    opt._apply(shadow30_rule, blend, ("shadow",), ratio=ratio)
+
+
 def softsign(x):
     """x / (1 + |x|), as methods so it also runs on a Batched."""
     return x.div(x.abs().add_(1))
@@ -36,14 +58,13 @@ class EmoV30(EmoOptimizer):
         for group in self.param_groups:
             by_sigma = {}
             for item in self._with_grad(group):
-                p, _, st = item
-                sigma = emo.scalar_s30(emo.update_ema(st.setdefault("ema", {}), loss, medium=False))
-                if self.use_shadow:
-                    self._shadow30(p, st, sh30_ratio(sigma))
+                sigma = emo.scalar_s30(emo.update_ema(item[2].setdefault("ema", {}), loss, medium=False))
                 by_sigma.setdefault(sigma, []).append(item)
                 self.hist.append(sigma)
                 sigmas.append(sigma)
             for sigma, items in by_sigma.items():
+                if self.use_shadow:
+                    shadow30(self, items, sh30_ratio(sigma))
                 self._update(group, items, sigma)
         quiet, avg_abs, var = emo.history_is_quiet(self.hist)
         if quiet:
@@ -55,16 +76,6 @@ class EmoV30(EmoOptimizer):
                        "mode": self._mode(s), "shadow_ratio": sh30_ratio(s) if self.use_shadow else 0.0,
                        "shadow_active": self.use_shadow and sh30_ratio(s) > 0,
                        "hist_avg_abs": avg_abs, "hist_var": var})
-
-    def _shadow30(self, p, st, ratio):
-        if ratio <= 0:
-            return
-        if "shadow" not in st:
-            st["shadow"] = p.detach().to(self._compute_dtype(p), copy=True)
-            return
-        shadow = st["shadow"]
-        p.copy_(p.to(shadow.dtype).mul_(1 - ratio).add_(shadow, alpha=ratio))
-        shadow.lerp_(p.to(shadow.dtype), 0.05)
 
     def _mode(self, sigma) -> str:
         return ""

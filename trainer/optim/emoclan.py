@@ -9,7 +9,7 @@ import torch
 from . import _emotion as emo
 from ._base import EmoOptimizer
 from ._tensors import batch, div_into, sq_means
-from ._v30 import sh30_ratio
+from ._v30 import sh30_ratio, shadow30
 
 
 def lynx_phase(p, g, st, lr, s, wd_lynx, betas, lynx_betas, eps, wd):
@@ -115,9 +115,9 @@ class EmoClan(EmoOptimizer):
         phase = "lynx" if s > 0.6 else "fact" if s > 0.3 else "navi"
         for group in self.param_groups:
             items = self._with_grad(group)
+            if self.use_shadow:
+                self._shadow(items, loss)
             for p, _, st in items:
-                if self.use_shadow:
-                    self._shadow(p, st, loss)
                 self._phase_state(p, st, phase)
             wd = group["weight_decay"]
             wd_lynx = wd / self._init_lr if group["decoupled_weight_decay"] else wd
@@ -134,13 +134,11 @@ class EmoClan(EmoOptimizer):
                        "ema_short": self.ema["short"], "ema_long": self.ema["long"],
                        "shadow_ratio": 0.0, "shadow_active": False, "hist_avg_abs": avg_abs, "hist_var": var})
 
-    def _shadow(self, p, st, loss):
-        """SH30 per parameter, with its own loss EMA; Clan also lerps right after creating the shadow."""
-        ratio = sh30_ratio(emo.scalar_s30(emo.update_ema(st.setdefault("ema", {}), loss, medium=False)))
-        if ratio <= 0:
-            return
-        if "shadow" not in st:
-            st["shadow"] = p.detach().to(self._compute_dtype(p), copy=True)
-        else:
-            p.copy_(p.to(st["shadow"].dtype).mul_(1 - ratio).add_(st["shadow"], alpha=ratio))
-        st["shadow"].lerp_(p.to(st["shadow"].dtype), 0.05)
+    def _shadow(self, items, loss):
+        """SH30 per parameter, each with its own loss EMA; parameters with equal ratios blend together."""
+        by_ratio = {}
+        for item in items:
+            ratio = sh30_ratio(emo.scalar_s30(emo.update_ema(item[2].setdefault("ema", {}), loss, medium=False)))
+            by_ratio.setdefault(ratio, []).append(item)
+        for ratio, group_items in by_ratio.items():
+            shadow30(self, group_items, ratio)

@@ -19,7 +19,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .shapes import lora_shapes
-from .timing import make_losses
 
 BAR_RATIO, BAR_SLACK, BAR_MAX = 1.25, 50, 1500
 # A loss series that visits every zone: calm (Navi phase, plain/cautious), mid jumps (Fact phase, softsign),
