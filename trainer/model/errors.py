@@ -7,3 +7,7 @@ class ModelError(ValueError):
 
 class LoRAError(ValueError):
     """A LoRA file does not fit the network it is loaded into (rank, shape or module mismatch)."""
+
+
+class NonFiniteLoRAError(ValueError):
+    """A LoRA with NaN/inf weights: save_lora refuses to write it."""
