@@ -58,6 +58,43 @@ def step_record(cfg, run: RunSetup, loop: LoopState, step_times, *, loss: float,
     return record
 
 
+def take_device_signals(optimizer):
+    """(names, 0-dim-stacked device tensor) of the signals the optimizer left on the device at its last step,
+    taken from it unread (its `telemetry` then holds the host-side ones only), or None."""
+    pending = getattr(optimizer, "_pending", None)  # trainer.optim's EmoOptimizer (see _base._publish)
+    if pending is None:
+        return None
+    optimizer._pending = None
+    return pending
+
+
+class LateSignals:
+    """Device-side optimizer signals of step n, read with step n+1's single host transfer: the record of step n
+    is completed (and logged again) one step late. flush() reads what is still open (at the end of a run)."""
+
+    def __init__(self):
+        self.open = None  # (step, record, names, device tensor)
+
+    def hold(self, step: int, record: dict, pending) -> None:
+        self.open = (step, record, *pending) if pending is not None else None
+
+    def tensor(self):
+        return self.open[3] if self.open is not None else None
+
+    def complete(self, values: list, **extra):
+        """-> (step, the completed record, the names added) for the values read, or None if nothing was open."""
+        if self.open is None:
+            return None
+        step, record, names, _ = self.open
+        self.open = None
+        record.update(zip(names, values), **extra)
+        return step, record, list(names) + list(extra)
+
+    def flush(self):
+        t = self.tensor()
+        return self.complete(t.tolist()) if t is not None else None
+
+
 def progress_bar(**kw):
     from tqdm import tqdm
 
@@ -105,6 +142,10 @@ def summary(run_dir, steps: int, skipped: int, device: torch.device) -> dict:
         out.update(loss_start=sum(losses[:k]) / k, loss_end=sum(losses[-k:]) / k, loss_min=min(losses))
     if evals:
         out.update(eval_loss_start=evals[0], eval_loss_end=evals[-1])
+    vals = [(r["val_loss"], r["step"]) for r in rows if r.get("val_loss") is not None]
+    if vals:
+        best = min(vals)
+        out.update(val_loss_start=vals[0][0], val_loss_end=vals[-1][0], val_loss_min=best[0], val_loss_min_step=best[1])
     for name in SUMMARY_SIGNALS:
         vals = [r[name] for r in rows if isinstance(r.get(name), (int, float)) and not isinstance(r[name], bool)]
         if vals:
