@@ -2,6 +2,7 @@
 
     python -m trainer.optim.bench [--device cpu|cuda] [--rank 16] [--steps 12] [--passes 3] [--threads N]
                                   [--quick] [--json PATH] [--only LABELS] [--no-external] [--mallopt]
+    python -m trainer.optim.bench --dispatch [--rank 16] [--only NAMES]    (aten ops per foreach step)
 
 The parameter set is the one kohya's sd-scripts trains for an SDXL UNet LoRA: every nn.Linear inside each
 Transformer2DModel of the SDXL base UNet (722 modules), each as a down (rank x in) and an up (out x rank)

@@ -72,6 +72,13 @@ def run(device="cpu", rank=16, steps=12, passes=3, quick=False, threads=None, js
 
 
 def main(argv=None):
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--dispatch" in argv:  # the op-count table (bench/dispatch.py) has its own options
+        from .dispatch import main as dispatch_main
+
+        return dispatch_main(argv)
     ap = argparse.ArgumentParser(prog="python -m trainer.optim.bench", description=DESCRIPTION)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     ap.add_argument("--rank", type=int, default=16)
@@ -83,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--mallopt", action="store_true",
                     help="what-if: glibc mallopt keeps freed temporaries (no trim/mmap), removing page faults")
+    ap.add_argument("--dispatch", action="store_true",
+                    help="instead: count the aten ops of one foreach step, full vs half set (see bench/dispatch.py)")
     ap.add_argument("--only", default=None, metavar="LABELS",
                     help="comma-separated row labels to run (plus the AdamW baselines), e.g. AutoTrustGO,EmoNeco")
     args = ap.parse_args(argv)

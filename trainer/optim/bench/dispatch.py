@@ -21,10 +21,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .shapes import lora_shapes
 
 BAR_RATIO, BAR_SLACK, BAR_MAX = 1.25, 50, 1500
-# A loss series that visits every zone: calm (Navi phase, plain/cautious), mid jumps (Fact phase, softsign),
-# big jumps (Lynx phase, cautious), each zone at least twice so one visit is counted after its state exists.
-ZONE_LOSSES = [1.0, 1.0, 1.0, 1.05, 1.1, 1.2, 1.2, 1.35, 1.5, 1.5, 1.2, 1.2, 1.0, 1.0, 1.0, 1.0, 1.0]
-ZONE_LOSSES += ZONE_LOSSES[3:]
+# A loss series whose rising trend visits every zone of the loss-driven rules after a first step of its kind:
+# EmoClan navi (steps 2-5), fact (6-7, 11), lynx (8-10); EmoZeal plain (2-4), softsign (5-7), cautious (8-10);
+# EmoNeco softsign (6) and cautious. Steps that create state (a phase's first visit) are not counted.
+ZONE_LOSSES = [1.0, 1.0, 1.0, 1.05, 1.1, 1.15, 1.3, 1.4, 1.5, 1.0, 1.0]
 
 
 class DispatchCounter(TorchDispatchMode):
@@ -120,7 +120,7 @@ def dispatch_table(names=None, rank=16, modules=None, out=print) -> list[dict]:
             counts[label] = step_dispatches(name, lora_params(n, rank))
         full, half = counts["full"]["max"], counts["half"]["max"]
         rows.append({"name": name, "full": full, "half": half, "modes": counts["full"]["modes"],
-                     "passes": passes_bar(full, half)})
+                     "passes": passes_bar(full, half) if name != "AdamW" else None})
     if out is not None:
         out(render(rows, full_n, rank))
     return rows
@@ -134,7 +134,9 @@ def render(rows, modules, rank) -> str:
              "|---|---:|---:|---|---|"]
     for r in rows:
         modes = ", ".join(f"{k}" for k in r["modes"] if k) or "-"
-        lines.append(f"| {r['name']} | {r['full']:,} | {r['half']:,} | {'ok' if r['passes'] else 'FAIL'} | {modes} |")
+        bar = "reference" if r["passes"] is None else "ok" if r["passes"] else "FAIL"
+        name = "torch AdamW(foreach=True)" if r["name"] == "AdamW" else r["name"]
+        lines.append(f"| {name} | {r['full']:,} | {r['half']:,} | {bar} | {modes} |")
     return "\n".join(lines)
 
 
@@ -145,4 +147,4 @@ def main(argv=None):
     ap.add_argument("--only", default=None, metavar="NAMES", help="comma-separated optimizer names")
     args = ap.parse_args(argv)
     rows = dispatch_table(args.only.split(",") if args.only else None, rank=args.rank)
-    return 0 if all(r["passes"] for r in rows) else 1
+    return 0 if all(r["passes"] is not False for r in rows) else 1

@@ -5,7 +5,7 @@ from collections import Counter
 
 import torch
 
-SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
 _MISSING = object()
 
 
