@@ -95,3 +95,18 @@ def _ldm_path(module: str) -> str:
                           k[len("model.diffusion_model."):-len(".weight")]
                           for k in f.keys() if k.startswith("model.diffusion_model.") and k.endswith(".weight")}
     return _UNET_KEYS[module[len("lora_unet_"):]]
+
+
+def test_lokr_factorization_is_comfyuis(comfy_env):
+    """Our LoKr split of a dimension is the one ComfyUI's (LyCORIS's) factorization gives, for every factor."""
+    from trainer.model.adapters import factorization
+
+    src, python = comfy_env
+    cases = [(d, f) for d in (7, 13, 32, 64, 127, 128, 250, 320, 360, 640, 1280, 2048, 2816) for f in (-1, 2, 4, 8, 16)]
+    code = ("import json, sys; sys.path.insert(0, '.'); sys.argv = ['x', '--cpu']; import comfy.options; "
+            "comfy.options.enable_args_parsing(); from comfy.weight_adapter.base import factorization; "
+            f"print(json.dumps([factorization(d, f) for d, f in {cases!r}]))")
+    proc = subprocess.run([str(python), "-c", code], cwd=src, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [list(factorization(d, f)) for d, f in cases] == theirs

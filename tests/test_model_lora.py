@@ -340,3 +340,26 @@ def _model_view(pipe, like):
         tokenizer1=like.tokenizer1,
         tokenizer2=like.tokenizer2,
     )
+
+
+def test_diffusers_applies_rslora_as_trained_and_drops_dora(tiny_path, tmp_path):
+    """rsLoRA files are plain kohya LoRA with alpha * sqrt(rank): diffusers applies the trained scale. diffusers
+    (0.42) drops every dora_scale of a kohya SDXL file, so a DoRA loads there as its plain LoRA part only (the
+    README says so; this test notices when that changes)."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (test dependency)")
+    for kind in ("rslora", "dora"):
+        trained = load_sdxl(tiny_path)
+        net = LoRANetwork(trained, rank=4, alpha=3.0, conv_rank=2, train_te=True, **{kind: True})
+        randomize_up(net, std=0.5)
+        path = save_lora(tmp_path / f"{kind}.safetensors", net, {}, dtype=torch.float32)
+        pipe = _pipeline(load_sdxl(tiny_path))
+        log_text = _load_clean(pipe, str(path))
+        with torch.no_grad():
+            ours, theirs = unet_out(trained), unet_out(_model_view(pipe, trained))
+        err = float((ours - theirs).abs().max() / ours.abs().max())
+        if kind == "rslora":
+            assert not re.search(COMPLAINT, log_text, re.I), log_text
+            assert err < 1e-4, err
+        else:
+            assert "filter out the keys associated to 'dora_scale`" in log_text
+            assert err > 1e-3

@@ -42,6 +42,12 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help="training resolution (bucket area = resolution²)")
     p.add_argument("--rank", type=int, help="LoRA rank (network dim)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
+    p.add_argument("--network", choices=["lora", "loha", "lokr"], help="adapter type (default lora; LoCon on convs)")
+    p.add_argument("--dora", action="store_true", default=None, help="weight-decomposed adapters (DoRA)")
+    p.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scale alpha/sqrt(rank)")
+    p.add_argument("--lokr-factor", type=int, dest="lokr_factor", help="LoKr factor (default -1: balanced)")
+    p.add_argument("--network-weights", dest="network_weights", metavar="FILE",
+                   help="continue from a LoRA/LoHa/LoKr file (ours, kohya's or LyCORIS's)")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--grad-accum", type=int, dest="grad_accum", help="micro-batches per optimizer step")
     p.add_argument("--seed", type=int)
@@ -141,8 +147,8 @@ def cmd_train(args) -> int:
     flags = {k: getattr(args, k) for k in (
         "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
         "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
-        "sample_every", "sample_prompts", "auto_stop")}
-    for k in ("model", "data", "output", "tokenizer", "resume"):
+        "sample_every", "sample_prompts", "auto_stop", "network", "dora", "rslora", "lokr_factor", "network_weights")}
+    for k in ("model", "data", "output", "tokenizer", "resume", "network_weights"):
         if flags[k]:
             flags[k] = str(Path(flags[k]).expanduser().resolve())
     overrides = {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}

@@ -22,9 +22,10 @@ OPTIMIZER_NAMES = (
     "EmoNavi", "EmoFact", "EmoLynx", "EmoClan", "EmoZeal", "EmoNeco", "EmoSens", "EmoAiry", "EmoCats", "EmoTion",
     "EmoVoid", "RefAdamWminiScheduleFree", "AutoTrustGO", "AdamW",
 )
-PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", "resume")
+PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", "resume", "network_weights")
 
 _CHOICES = {
+    "network": ("lora", "loha", "lokr"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
     "attention": ("sdpa", "default"),
@@ -59,6 +60,13 @@ class TrainConfig:
     network_dropout: float = 0.0
     conv_rank: int = 0  # > 0 adds LoCon 3x3 conv LoRA
     conv_alpha: float = 1.0
+    network: str = "lora"  # adapter type: lora (LoCon on convs), loha, lokr (LyCORIS layouts)
+    dora: bool = False  # weight-decomposed adapters (DoRA); files carry dora_scale
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank) (files store alpha * sqrt(rank))
+    lokr_factor: int = -1  # LoKr's LyCORIS factor: -1 splits each dimension as evenly as it divides
+    lokr_full_matrix: bool = False  # LoKr: w2 a full matrix instead of a rank-r pair
+    lokr_decompose_both: bool = False  # LoKr: w1 a rank-r pair too (where that is smaller)
+    network_weights: str | None = None  # a LoRA/LoHa/LoKr file to continue from (ours, kohya's, LyCORIS's)
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # None: lr (only with train_text_encoder)
     # ---- optimizer and schedule
@@ -163,6 +171,8 @@ class TrainConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"lokr_factor must be -1 or >= 1, got {self.lokr_factor}")
         for name in ("lr", "alpha", "text_encoder_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
