@@ -31,6 +31,7 @@ def create_optimizer(name: str, params, **kwargs):
         cls = OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: AdamW, {', '.join(OPTIMIZERS)}") from None
+    kwargs = {**getattr(cls, "factory_kwargs", {}), **kwargs}  # our guards that the bare class leaves off
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     return cls(params, **kwargs)

@@ -9,6 +9,7 @@ published as telemetry.
 import torch
 
 from ._base import EmoOptimizer
+from ._tensors import Batched, batch, div_into
 
 
 def _step_consts(dtype, lr, thr, mask_ema, flip_ema):
@@ -19,39 +20,79 @@ def _step_consts(dtype, lr, thr, mask_ema, flip_ema):
             "flip04": 0.4 * flip_ema}
 
 
+def _dims(t):
+    return tuple(range(1, t.dim()))
+
+
+def _reduce(x, op):
+    """op (mean, norm) over each whole tensor: 0-dim per tensor, [n, 1, ..] per stack of a Batched."""
+    if isinstance(x, Batched):
+        fn = torch.linalg.vector_norm if op == "norm" else torch.mean
+        return Batched(fn(t, dim=_dims(t), keepdim=True) for t in x)
+    return getattr(x, op)()
+
+
+def _fraction(mask):
+    """The float32 fraction of true elements (== mask.float().mean(), as upstream), per tensor or per stack."""
+    if isinstance(mask, Batched):
+        return Batched(t.count_nonzero(dim=_dims(t)).to(torch.float32).div_(t[0].numel())
+                       .view(-1, *(1,) * (t.dim() - 1)) for t in mask)
+    return torch.count_nonzero(mask).to(torch.float32).div_(mask.numel())
+
+
+def _dtype(x):
+    return x[0].dtype if isinstance(x, list) else x.dtype
+
+
+def _accumulate(acc, x):
+    """acc (float64) += x, summed over the tensors of a Batched in float64 (as the per-tensor adds are)."""
+    if isinstance(x, Batched):
+        for t in x:
+            acc.add_(t.sum(dtype=torch.float64))
+    else:
+        acc.add_(x)
+
+
 def trust_rule(p, g, st, lr, T, beta, eps, cap, thr, mask_ema, flip_ema, acc, consts):
-    c = consts.get(g.dtype)
+    """Upstream's per-parameter update. Per tensor on plain tensors; in grouped foreach mode g and the state
+    come as shape-ordered TensorLists and the whole rule runs on per-shape stacks (a Batched: every method
+    below is one op per shape), the stacks going back to the state and the parameters in one foreach op each."""
+    c = consts.get(_dtype(g))
     if c is None:
-        c = consts[g.dtype] = _step_consts(g.dtype, lr, thr, mask_ema, flip_ema)
-    s = torch.sign(g)  # {-1, 0, +1} (+0 for zeros and NaN): bitwise sign(g).to(int8).to(g.dtype)
+        c = consts[_dtype(g)] = _step_consts(_dtype(g), lr, thr, mask_ema, flip_ema)
+    g = batch(g)
+    s = g.sign()  # {-1, 0, +1} (+0 for zeros and NaN): bitwise sign(g).to(int8).to(g.dtype)
     sign_g = s.to(torch.int8)
-    flip = sign_g != st["prev_sign"]
-    acc["flip"].add_(torch.count_nonzero(flip).to(torch.float32).div_(flip.numel()))  # == flip.float().mean()
+    _accumulate(acc["flip"], _fraction(sign_g.ne(batch(st["prev_sign"]))))
     st["prev_sign"].copy_(sign_g)
     rank = g.abs()
-    rank.div_(rank.mean() + eps)
-    conf_rank = rank + 1.0
-    torch.div(rank, conf_rank, out=conf_rank).clamp_(max=0.85)
-    consensus = st["consensus"]
+    rank.div_(_reduce(rank, "mean").add(eps))
+    conf_rank = rank.add(1.0)
+    conf_rank = div_into(rank, conf_rank).clamp_(max=0.85)
+    consensus = batch(st["consensus"])
     consensus.addcmul_(s, conf_rank).clamp_(-cap, cap)  # s * conf_rank is exact: one rounding, as add_(s * conf_rank)
     confidence = consensus.abs().div_(cap).clamp_(max=1.0)  # conf_stab, then in place:
     confidence.mul_(0.4).add_(0.6).mul_(conf_rank).mul_(c["conf_decay"])  # conf_rank * (0.6 + 0.4 * conf_stab) * decay
-    high_conf = torch.count_nonzero(confidence > 0.6).to(torch.float32).div_(confidence.numel())
-    consensus.mul_((1.0 - 0.02 * high_conf * flip_ema).to(consensus.dtype))
+    high_conf = _fraction(confidence.gt(0.6)).double()  # upstream: a python float
+    consensus.mul_(high_conf.mul(flip_ema).mul_(-0.02).add_(1.0).to(_dtype(consensus)))  # 1 - 0.02 h flip_ema
     mask = rank.sub_(c["thr"]).div_(c["temp"]).sigmoid_()  # the gate, in rank's buffer
     mask.mul_(c["one_minus_floor"]).add_(c["floor"])  # floor + (1 - floor) * gate
-    mask_ratio = mask.mean()
-    acc["mask"].add_(mask_ratio)  # float64 accumulator: the same double add as += mask_ratio.double()
-    m = st["momentum"]
+    mask_ratio = _reduce(mask, "mean")
+    _accumulate(acc["mask"], mask_ratio)  # float64 accumulator: the same double add as += mask_ratio.double()
+    m = batch(st["momentum"])
     m.mul_(beta).add_(g)
     d = m.mul(beta).add_(g).mul_(mask)  # (g + beta * m) * mask
-    norm = d.norm()
-    danger = 0.6 * (norm / (norm + 1.0)) + c["flip04"]
-    local_trust = T * (0.4 + 0.4 * mask_ratio)
-    d.mul_((1.0 / (1.0 + danger * local_trust * norm)).to(d.dtype))
-    p.sub_(d.mul_(c["lr"]))
-    acc["confidence"].add_(confidence.mean())
-    acc["danger"].add_(danger)
+    if isinstance(m, Batched):
+        st["momentum"].copy_(m)
+        st["consensus"].copy_(consensus)
+    norm = _reduce(d, "norm")
+    danger = norm.div(norm.add(1.0)).mul(0.6).add(c["flip04"])  # 0.6 * N / (N + 1) + 0.4 * flip_ema
+    local_trust = mask_ratio.mul(0.4).add(0.4).mul(T)  # T * (0.4 + 0.4 * mask_ratio)
+    scale = danger.mul(local_trust).mul(norm).add(1.0).reciprocal()  # 1 / (1 + danger * local_trust * N)
+    d.mul_(scale.to(_dtype(d)))
+    p.add_(d.mul_(c["lr"]), alpha=-1)
+    _accumulate(acc["confidence"], _reduce(confidence, "mean"))
+    _accumulate(acc["danger"], danger)
 
 
 class AutoTrustGO(EmoOptimizer):
@@ -91,7 +132,8 @@ class AutoTrustGO(EmoOptimizer):
         for group in self.param_groups:
             items = self._with_grad(group)
             count += len(items)
-            self._apply(trust_rule, items, (), per_tensor=True, lr=group["lr"] * lr_scale, T=T, beta=self.beta,
+            self._apply(trust_rule, items, ("momentum", "consensus", "prev_sign"), grouped=True,
+                        lr=group["lr"] * lr_scale, T=T, beta=self.beta,
                         eps=self.eps, cap=self.consensus_cap, thr=thr, mask_ema=mask_ema, flip_ema=flip_ema, acc=acc,
                         consts={})
         if count:
