@@ -17,17 +17,20 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("gradio")
-playwright_api = pytest.importorskip("playwright.sync_api")
+if os.environ.get("CI") == "true":  # under CI a missing prerequisite fails: a skipped browser test proves nothing
+    import playwright.sync_api as playwright_api
+else:
+    playwright_api = pytest.importorskip("playwright.sync_api")
 
 from _trainer_helpers import make_dataset  # noqa: E402
+
+from trainer.cli import load_pack  # noqa: E402
+from trainer.runstore import RunStore  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +42,10 @@ RUN_OPTIONS = {"optimizer": "EmoSens", "optimizer_args": {"stopcoef": 1000.0}, "
                "cache_latents": "memory", "cache_text": "memory", "save_dtype": "fp16"}
 
 if not os.path.exists(CHROMIUM):
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"no chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+load_pack()  # the panel is part of the pack (it imports the trainer relatively)
 
 
 def _free_port() -> int:
@@ -48,14 +54,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait(cond, timeout: float, what: str, interval: float = 0.2):
+def _wait(cond, timeout: float, what: str, interval: float = 0.2, shown=None):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = cond()
         if value:
             return value
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}"
+                         + (f"; shown: {shown()}" if shown else ""))
 
 
 def _control(run_dir: Path) -> dict:
@@ -87,18 +94,23 @@ def _meta(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def panel(tmp_path_factory):
-    import web.panel as panel_module
+    import emolora.web.panel as panel_module
+
+    from trainer.model import tiny_model_path
 
     out = tmp_path_factory.mktemp("panel-output")
-    url = panel_module.launch(out, port=_free_port())
+    datasets = tmp_path_factory.mktemp("datasets")
+    make_dataset(datasets / "photos", n=2)
+    url = panel_module.launch(out, port=_free_port(), model_roots=[Path(tiny_model_path()).parent],
+                              data_roots=[datasets])
     assert url.startswith("http://127.0.0.1:")
     assert panel_module.launch(tmp_path_factory.mktemp("other")) == url  # one panel per process
-    return out, url
+    return out, url, datasets
 
 
 @pytest.fixture(scope="module")
 def page(panel, tmp_path_factory):
-    _, url = panel
+    _, url, _ = panel
     external = []
     with playwright_api.sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(str(tmp_path_factory.mktemp("chromium-profile")),
@@ -124,7 +136,7 @@ def _panel_step(pg, run_name: str) -> int:
 
 
 def test_panel_follows_and_controls_live_runs(panel, page, tmp_path, request):
-    out, url = panel
+    out, url, _ = panel
     from trainer.config import build_config
     from trainer.model import tiny_model_path
     from trainer.train import train
@@ -213,23 +225,71 @@ def test_panel_follows_and_controls_live_runs(panel, page, tmp_path, request):
         print(msg)
 
 
-def test_http_file_route_serves_nothing_outside_the_output_folder(panel, tmp_path):
-    out, url = panel
-    secret = out.parent / f"{out.name}-secret.txt"
-    secret.write_text("secret")
-    inside = out / "inside.txt"
-    inside.write_text("inside")
+def _choose(pg, elem_id: str, option: str, exact: bool = True) -> None:
+    """Pick `option` in a Gradio dropdown by clicking it open and clicking the option (a run's option reads
+    'name  [status, optimizer]': exact=False)."""
+    pg.locator(f"#{elem_id} input").click()
+    pg.get_by_role("option", name=option, exact=exact).click()
 
-    def get(path):
-        try:
-            with urllib.request.urlopen(url + path, timeout=10) as r:
-                return r.status, r.read()
-        except urllib.error.HTTPError as e:
-            return e.code, b""
 
-    for bad in (str(secret), f"{out}/../{secret.name}", "/etc/passwd", urllib.parse.quote(f"{out}/../{secret.name}")):
-        for route in ("gradio_api/file=", "file="):
-            status, body = get(route + bad)
-            assert status != 200 or (b"secret" not in body and b"root:" not in body), (route, bad, status)
-    status, body = get(f"gradio_api/file={inside}")
-    assert status == 200 and body == b"inside"
+def test_start_form_by_clicking(panel, page):
+    """Fill the start form with the mouse and the keyboard: preset and optimizer fill in their real values, the
+    optimizer's own arguments are edited, Start runs the trainer and the panel follows it to the end."""
+    out, _, datasets = panel
+    from trainer.model import tiny_model_path
+
+    page.get_by_text("Start a run").click()
+    _choose(page, "emolora-f-preset", "concept")
+    steps = page.locator("#emolora-f-steps input")
+    _wait(lambda: steps.input_value() == "1500", 10, "the concept preset's steps in the form")
+    assert "flip_aug=true" in page.locator("#emolora-f-preset-note").inner_text().replace("`", "")
+    _choose(page, "emolora-f-optimizer", "AutoTrustGO")
+    args = page.locator("#emolora-f-args textarea")
+    _wait(lambda: "trust_level" in args.input_value(), 10, "AutoTrustGO's own arguments in the form")
+    assert json.loads(args.input_value()) == {"trust_level": 0.4, "eps": 1e-08}
+    assert float(page.locator("#emolora-f-lr input").input_value()) == 1e-4
+    args.fill('{"trust_level": 0.3, "eps": 1e-08}')
+    _choose(page, "emolora-f-model", str(Path(tiny_model_path()).resolve()))
+    _choose(page, "emolora-f-dataset", str(datasets.resolve() / "photos"))
+    for field, value in (("steps", "3"), ("resolution", "64"), ("rank", "4")):
+        page.locator(f"#emolora-f-{field} input").fill(value)
+    page.locator("#emolora-f-name textarea, #emolora-f-name input").first.fill("clicked")
+    page.locator("#emolora-start").click()
+    message = page.locator("#emolora-start-message")
+    _wait(lambda: "started clicked" in message.inner_text(), 20, "the form to start the run", shown=message.inner_text)
+    run = out / "runs" / "clicked"
+    _wait(lambda: _meta(run).get("status") == "finished" if (run / "telemetry.sqlite").exists() else False, 180,
+          "the run started from the form to finish")
+    _wait(lambda: "finished" in page.locator("#emolora-run-status").inner_text() and
+          _panel_step(page, "clicked") == 3, 20, "the panel to follow the form's run to its end")
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["optimizer"], cfg["optimizer_args"], cfg["steps"], cfg["rank"], cfg["resolution"]) == (
+        "AutoTrustGO", {"trust_level": 0.3}, 3, 4, 64)
+    assert cfg["flip_aug"] is True and cfg["alpha"] == 8  # the concept preset
+    # a finished run: Stop and Save now are inactive
+    assert page.locator("#emolora-stop").is_disabled() and page.locator("#emolora-save").is_disabled()
+
+
+def _finished_run(runs: Path, name: str, optimizer: str, losses: list) -> None:
+    store = RunStore(runs / name)
+    store.write_config({"optimizer": optimizer, "steps": len(losses)})
+    store.set_meta(status="finished", optimizer=optimizer, signals=["loss"], steps_total=len(losses),
+                   pid=os.getpid(), started_at=time.time(), stop_reason="finished")
+    for s, loss in enumerate(losses, 1):
+        store.log_step(s, {"loss": loss})
+    store.close()
+
+
+def test_overlay_by_clicking(panel, page):
+    """Choosing another run in 'Overlay another run' draws its loss on the selected run's loss chart."""
+    out, _, _ = panel
+    _finished_run(out / "runs", "base-run", "AdamW", [1.0, 0.8, 0.7, 0.65])
+    _finished_run(out / "runs", "overlay-me", "EmoLynx", [1.0 / s for s in range(1, 6)])
+    _choose(page, "emolora-run", "base-run  [", exact=False)
+    _wait(lambda: _panel_step(page, "base-run") == 4, 15, "the panel to show the picked run")
+    chart = page.locator("#emolora-chart-loss svg")
+    assert "overlay-me" not in chart.inner_html()
+    _choose(page, "emolora-compare", "overlay-me  [", exact=False)
+    _wait(lambda: "overlay-me (EmoLynx)" in chart.inner_html(), 15, "the overlaid run's loss on the chart")
+    _choose(page, "emolora-compare", "(none)")
+    _wait(lambda: "overlay-me" not in chart.inner_html(), 15, "the overlay to go")

@@ -1,6 +1,7 @@
 """Starting a run from the panel's form: a background `python -m trainer train` that the panel then follows."""
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -8,19 +9,29 @@ pytest.importorskip("gradio")
 
 from _trainer_helpers import make_dataset  # noqa: E402
 
+from trainer.cli import load_pack  # noqa: E402
+
 pytestmark = pytest.mark.slow
+load_pack()  # the panel is part of the pack (it imports the trainer relatively)
 
 
 def test_start_a_run_from_the_panel(tmp_path):
-    from trainer.model import tiny_model_path
-    from web.panel import launcher
-    from web.panel.app import PanelApp
+    from emolora.web.panel import launcher
+    from emolora.web.panel.app import PanelApp
 
-    app = PanelApp(tmp_path / "out")
-    data = make_dataset(tmp_path / "data", n=2)
-    msg, _ = app.start_run(str(tmp_path / "missing.safetensors"), str(data), "EmoNavi", "(none)", 3, 64, "x")
+    from trainer.model import tiny_model_path
+
+    model = tiny_model_path()
+    make_dataset(tmp_path / "data", n=2)
+    app = PanelApp(tmp_path / "out", model_roots=[tmp_path, Path(model).parent], data_roots=[tmp_path])
+    form = {"model": str(tmp_path / "missing.safetensors"), "dataset": "data", "optimizer": "EmoNavi",
+            "preset": "(none)", "steps": 3, "lr": None, "args_text": "", "resolution": 64, "rank": 4, "name": "x",
+            "network": "lora", "dora": False, "rslora": False, "validation_split": 0.0, "validation_data": None,
+            "validation_every": 0}
+    msg, _ = app.start_run(*[form[k] for k in app.FORM])
     assert msg.startswith("⚠") and "model not found" in msg
-    msg, follow = app.start_run(tiny_model_path(), str(data), "EmoLynx", "(none)", 3, 64, "../my run")
+    form.update(model=model, optimizer="EmoLynx", name="../my run")
+    msg, follow = app.start_run(*[form[k] for k in app.FORM])
     assert msg.startswith("started `my-run`"), msg
     end = time.monotonic() + 120
     while time.monotonic() < end and launcher.poll()["my-run"][0] is None:
@@ -33,5 +44,6 @@ def test_start_a_run_from_the_panel(tmp_path):
     assert app.lora_files(app.run_data("my-run")) == [str(app.root.root / "my-run.safetensors")]
     out = app.tick(None, "", True, [], {})
     assert out[0]["value"] == "my-run" and "data-step='3'" in out[2]
+    assert out[app.ORDER.index("stop_btn")]["interactive"] is False  # finished: nothing to stop
     # the same name again gets its own folder and LoRA
     assert launcher.unique_name(app.root, "my-run") == "my-run-2"

@@ -13,9 +13,12 @@ import pytest
 
 pytest.importorskip("gradio")
 
+from trainer.cli import load_pack  # noqa: E402
 from trainer.runstore import RunStore  # noqa: E402
-from web.panel import _trainer, data, launcher, plots, svgplot  # noqa: E402
-from web.panel.paths import PanelRoot, PathError  # noqa: E402
+
+PACK = load_pack().__name__  # the panel is part of the pack: it imports the trainer relatively
+from emolora.web.panel import auth, data, form, launcher, plots, svgplot  # noqa: E402
+from emolora.web.panel.paths import PanelRoot, PathError, Roots  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 V36 = ["loss", "ema_short", "ema_medium", "ema_long", "emo_scalar", "early_scalar", "trust", "emo_drive",
@@ -114,7 +117,7 @@ def test_run_data_reads_incrementally_and_survives_a_resume(tmp_path):
     rd.refresh()
     assert rd.steps == [1, 2, 3, 4, 5, 6] and rd.last("loss") == 9.0
     s = rd.status()
-    assert s["status"] == "running" and s["eta_s"] is None or s["eta_s"] >= 0
+    assert s["status"] == "running" and s["eta_s"] == pytest.approx((10 - 6) / 5.0)  # steps_per_s of step 5
     store.close()
 
 
@@ -130,7 +133,7 @@ def test_status_eta_memory_rise_and_dead_runs(tmp_path):
 
 
 # ---- path safety ------------------------------------------------------------------------------------------------
-def test_traversal_and_symlinks_out_are_refused(tmp_path):
+def test_traversal_symlinks_and_private_files_are_refused(tmp_path):
     out = tmp_path / "output"
     secret = tmp_path / "secret"
     secret.mkdir()
@@ -143,6 +146,10 @@ def test_traversal_and_symlinks_out_are_refused(tmp_path):
     (out / "runs" / "linked").symlink_to(secret / "elsewhere")
     (out / "mine.safetensors").write_bytes(b"lora")
     (out / "runs" / "escape.safetensors").symlink_to(secret / "key.safetensors")
+    state = out / "runs" / "ok" / "state"
+    state.mkdir()
+    for private in (state / "state.pt", state / "lora.safetensors"):
+        private.write_bytes(b"private")
     root = PanelRoot(out)
     assert root.runs_dir == out.resolve() / "runs"
     assert root.run_dir("ok") == (out / "runs" / "ok").resolve()
@@ -151,11 +158,15 @@ def test_traversal_and_symlinks_out_are_refused(tmp_path):
         with pytest.raises(PathError):
             root.run_dir(bad)
     for bad in (secret / "key.safetensors", out / ".." / "secret" / "key.safetensors", "/etc/passwd",
-                out / "runs" / "escape.safetensors", out / "runs" / "ok" / "samples" / "evil.png"):
+                out / "runs" / "escape.safetensors", out / "runs" / "ok" / "samples" / "evil.png",
+                state / "state.pt", state / "lora.safetensors", out / "runs" / "ok" / "telemetry.sqlite",
+                out / "runs" / "ok" / "telemetry.sqlite-wal", out / "runs" / "ok" / "telemetry.sqlite-shm"):
         with pytest.raises(PathError):
             root.file(bad)
+    with pytest.raises(PathError, match="private"):
+        root.file(state / "state.pt")
     assert root.file(out / "mine.safetensors") == (out / "mine.safetensors").resolve()
-    from web.panel.app import PanelApp
+    from emolora.web.panel.app import PanelApp
 
     app = PanelApp(out)
     rd = app.run_data("ok")
@@ -167,9 +178,38 @@ def test_traversal_and_symlinks_out_are_refused(tmp_path):
     assert not (secret / "elsewhere" / "control.json").exists()
 
 
+def test_form_paths_are_confined_to_their_roots(tmp_path):
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    (models / "sub" / "m.safetensors").write_bytes(b"x")
+    (models / "diffusers-model").mkdir()
+    (models / "diffusers-model" / "model_index.json").write_text("{}")
+    (models / ".hidden").mkdir()
+    (models / ".hidden" / "h.safetensors").write_bytes(b"x")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (models / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
+    roots = Roots("model", "--model-root", [models])
+    assert roots.resolve("sub/m.safetensors") == (models / "sub" / "m.safetensors").resolve()  # relative: 1st root
+    assert roots.resolve(str(models / "sub" / "m.safetensors")) == (models / "sub" / "m.safetensors").resolve()
+    for bad in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "link.safetensors", "/etc/passwd",
+                "sub/../../outside.safetensors", "", None):
+        with pytest.raises(PathError):
+            roots.resolve(bad)
+    with pytest.raises(PathError, match="--model-root DIR"):
+        roots.resolve("/etc/passwd")
+    found = roots.scan(lambda p: p.suffix == ".safetensors" and p.is_file()
+                       or p.is_dir() and (p / "model_index.json").is_file())
+    assert found == [str(models.resolve() / "diffusers-model"), str(models.resolve() / "link.safetensors"),
+                     str(models.resolve() / "sub" / "m.safetensors")]  # a link is listed; resolve() refuses it
+
+
 # ---- controls, ticks, launcher ----------------------------------------------------------------------------------
+def _out(app, out: list, key: str):
+    return out[app.ORDER.index(key)]
+
+
 def test_controls_write_the_control_file_of_the_selected_run(tmp_path):
-    from web.panel.app import PanelApp
+    from emolora.web.panel.app import PanelApp
 
     fake_run(tmp_path / "runs", "live", status="running")
     fake_run(tmp_path / "runs", "old", status="finished")
@@ -186,47 +226,196 @@ def test_controls_write_the_control_file_of_the_selected_run(tmp_path):
     # the refresh: follows the running run, then skips what did not change
     out = app.tick(None, "", True, [], {})
     st = out[-1]
-    assert out[0]["value"] == "live" and "data-step='50'" in out[2]
+    assert _out(app, out, "run")["value"] == "live" and "data-step='50'" in _out(app, out, "status")
+    assert _out(app, out, "stop_btn")["interactive"] is True and _out(app, out, "save_btn")["interactive"] is True
     import gradio as gr
 
-    more = out[10]["value"]  # the browser now holds the default choice of extra signals
+    more = _out(app, out, "more_sel")["value"]  # the browser now holds the default choice of extra signals
     out2 = app.tick("live", "", True, more, st)
     assert out2[0] == gr.skip() and out2[3] == gr.skip()  # nothing new: the run list and the charts are skipped
+    assert _out(app, out2, "stop_btn") == gr.skip()
+    # a finished run: Stop and Save now are inactive
+    out3 = app.pick("old", "", False, more, out2[-1])[1:]
+    assert _out(app, out3, "stop_btn")["interactive"] is False and _out(app, out3, "save_btn")["interactive"] is False
+
+
+def test_stop_reason_and_message_are_shown(tmp_path):
+    from emolora.web.panel.app import PanelApp
+
+    store = fake_run(tmp_path / "runs", "div", status="stopped", steps=8)
+    msg = "EmoNavi diverged at step 8: 3 steps in a row made a weight non-finite; try a lower lr"
+    store.event(8, "stop", {"reason": "diverged", "error": msg})
+    store.set_meta(stop_reason="diverged")
+    app = PanelApp(tmp_path)
+    html_ = app.status_html(app.run_data("div"))
+    assert "data-stop-reason='diverged'" in html_ and "stopped (diverged)" in html_
+    assert "id='emolora-stop-message'>EmoNavi diverged at step 8" in html_
+    store.set_meta(message="a newer message from the meta")
+    assert app.run_data("div").status()["error"] == "a newer message from the meta"
+    fake_run(tmp_path / "runs", "fine", status="finished")
+    assert "emolora-stop-message" not in app.status_html(app.run_data("fine"))
+    store.close()
 
 
 def test_launcher_builds_a_safe_command(tmp_path):
+    from emolora.trainer.config import ConfigError
+
     root = PanelRoot(tmp_path / "out")
-    model = tmp_path / "m.safetensors"
-    model.write_bytes(b"x")
-    with pytest.raises(PathError):
-        launcher.build_command(root, model=str(tmp_path / "none"), data=str(tmp_path), optimizer="EmoNavi",
-                               steps=5, name="x")
     name = launcher.safe_run_name("../../etc/passwd run", "fallback")
     assert "/" not in name and not name.startswith(".")
     assert launcher.safe_run_name("...", "fallback") == "fallback"
-    cmd = launcher.build_command(root, model=str(model), data=str(tmp_path), optimizer="EmoSens", steps=5,
-                                 name=name, preset="concept", resolution=64)
+    overrides = {"model": str(tmp_path / "m.safetensors"), "data": str(tmp_path), "optimizer": "EmoSens",
+                 "steps": 5, "resolution": 64, "optimizer_args": {"stopcoef": 0.1}}
+    cmd = launcher.build_command(root, ["concept"], overrides, name)
     assert cmd[1:4] == ["-m", "trainer", "train"]
     assert cmd[cmd.index("--output") + 1] == str(root.root / f"{name}.safetensors")
-    assert f"runs_dir={root.runs_dir}" in cmd
+    assert cmd[cmd.index("--preset") + 1] == "concept" and cmd[cmd.index("--resolution") + 1] == "64"
+    assert f"runs_dir={json.dumps(str(root.runs_dir))}" in cmd and 'optimizer_args={"stopcoef": 0.1}' in cmd
+    with pytest.raises(ConfigError, match="resolution"):  # validated here, not in the log of a dead process
+        launcher.build_command(root, [], {**overrides, "resolution": 65}, name)
 
 
-def test_launch_refuses_other_interfaces_without_the_flag(capsys):
-    import web.panel as panel
+def test_form_offers_the_optimizers_own_arguments():
+    from emolora.trainer.config import ConfigError
 
+    navi = form.optimizer_defaults("EmoNavi")
+    assert navi == {"eps": 1e-08, "betas": [0.9, 0.995], "weight_decay": 0.01, "use_shadow": False}
+    assert form.optimizer_defaults("AutoTrustGO") == {"trust_level": 0.4, "eps": 1e-08}  # its preset's 0.4
+    assert form.optimizer_defaults("AdamW")["betas"] == [0.9, 0.999]
+    assert "stopcoef" in form.optimizer_defaults("EmoTion")  # through EmoTion's *args/**kw to the v3.9 base
+    assert form.recommended_lr("EmoLynx") == 8e-05
+    assert form.optimizer_args("EmoNavi", json.dumps(navi)) == {}  # nothing changed: nothing passed
+    assert form.optimizer_args("EmoNavi", '{"use_shadow": true}') == {"use_shadow": True}
+    # a changed AdamW argument passes the preset's too: optimizer_args replaces the preset's as a whole
+    assert form.optimizer_args("AdamW", '{"eps": 1e-7}') == {"betas": [0.9, 0.999], "eps": 1e-07,
+                                                             "weight_decay": 0.01}
+    for bad, match in (('{"trust": 1}', "takes no 'trust'"), ('{"betas": [0.9]}', "betas must be like"),
+                       ('{"use_shadow": 1}', "use_shadow must be like"), ("[1]", "JSON object"), ("{", "JSON")):
+        with pytest.raises(ConfigError, match=match):
+            form.optimizer_args("EmoNavi", bad)
+
+
+def test_a_run_from_the_form_equals_the_same_run_from_the_cli(tmp_path, monkeypatch):
+    """The form's command, parsed and merged by the CLI, gives the config a hand-written CLI command gives."""
+    from emolora.web.panel.app import PanelApp
+
+    from trainer import cli
+
+    tmp_path = tmp_path.resolve()
+    models, datasets = tmp_path / "models", tmp_path / "datasets"
+    (datasets / "photos").mkdir(parents=True)
+    (datasets / "held-out").mkdir()
+    models.mkdir()
+    (models / "sdxl.safetensors").write_bytes(b"x")
+    app = PanelApp(tmp_path / "out", model_roots=[models], data_roots=[datasets])
+    started = []
+    monkeypatch.setattr(launcher, "start", lambda root, cmd, name: started.append(cmd))
+    network = "loha" if form.has_option("network") else "lora"  # the network keys arrive with newer trainers
+    validation = form.has_option("validation_split")
+    choices = {"model": "sdxl.safetensors", "dataset": "photos", "optimizer": "AutoTrustGO", "preset": "style",
+               "steps": 7, "lr": 2e-4, "args_text": '{"trust_level": 0.3, "eps": 1e-08}', "resolution": 64,
+               "rank": 4, "name": "from form", "network": network, "dora": form.has_option("dora"),
+               "rslora": False, "validation_split": 0.0, "validation_data": "held-out" if validation else None,
+               "validation_every": 3 if validation else 0}
+    msg, _ = app.start_run(*[choices[k] for k in app.FORM])
+    assert msg.startswith("started `from-form`"), msg
+    hand = ["train", "--model", str(models / "sdxl.safetensors"), "--data", str(datasets / "photos"),
+            "--output", str(app.root.root / "from-form.safetensors"), "--run-name", "from-form",
+            "--optimizer", "AutoTrustGO", "--preset", "style", "--steps", "7", "--lr", "2e-4", "--resolution", "64",
+            "--rank", "4", "--set", 'optimizer_args={"trust_level": 0.3}', "--set", f"runs_dir={app.root.runs_dir}"]
+    if network != "lora":
+        hand += ["--set", f"network={network}", "--set", "dora=true"]
+    if validation:
+        hand += ["--set", "validation_every=3", "--set", f"validation_data={datasets / 'held-out'}"]
+
+    class Merged(Exception):
+        pass
+
+    def merged(argv):
+        def capture(cfg, progress):
+            raise Merged(cfg)
+
+        monkeypatch.setattr(cli, "_run", capture)
+        with pytest.raises(Merged) as e:
+            cli.main(argv)
+        return e.value.args[0].to_dict()
+
+    (cmd,) = started
+    from_form, from_cli = merged(cmd[3:]), merged(hand)
+    assert from_form == from_cli
+    assert from_form["optimizer_args"] == {"trust_level": 0.3} and from_form["rank"] == 4
+    assert from_form["shuffle_caption"] is True and from_form["steps"] == 7  # the style preset, steps overridden
+    # paths outside the roots and bad values are refused in the form, nothing started
+    for key, bad, match in (("model", "../out/x.safetensors", "outside"), ("dataset", "/etc", "outside"),
+                            ("resolution", 65, "resolution"), ("args_text", '{"nope": 1}', "takes no")):
+        msg, _ = app.start_run(*[{**choices, key: bad}[k] for k in app.FORM])
+        assert msg.startswith("⚠") and match in msg, msg
+    assert len(started) == 1
+    if validation:  # a held-out share instead of a folder; both at once are refused by the trainer's check
+        _, overrides = form.run_options(app.model_roots, app.data_roots, **{
+            **{k: v for k, v in choices.items() if k != "name"}, "validation_data": None, "validation_split": 0.25})
+        assert overrides["validation_split"] == 0.25 and "validation_data" not in overrides
+        msg, _ = app.start_run(*[{**choices, "validation_split": 0.25}[k] for k in app.FORM])
+        assert msg.startswith("⚠") and "exclude each other" in msg
+
+
+def test_form_defaults_follow_the_preset_and_the_optimizer(tmp_path):
+    from emolora.web.panel.app import PanelApp
+
+    app = PanelApp(tmp_path)
+    shown = dict(zip(app.SHOWN, app.form_defaults("style", "EmoLynx")))
+    assert (shown["steps"], shown["resolution"], shown["rank"], shown["lr"]) == (2000, 1024, 32, 8e-05)
+    assert json.loads(shown["args_text"]) == form.optimizer_defaults("EmoLynx")
+    assert "caption_dropout=0.05" in shown["note"].replace("`", "")
+    shown = dict(zip(app.SHOWN, app.form_defaults(form.NONE, "EmoSens")))
+    assert shown["lr"] == 1.0 and shown["network"] == "lora" and shown["steps"] == 1000
+
+
+# ---- launching: loopback, remote, credentials --------------------------------------------------------------------
+def test_launch_refuses_other_interfaces_without_the_flag_or_credentials(capsys, tmp_path, monkeypatch):
+    import emolora.web.panel as panel
+
+    monkeypatch.delenv(auth.ENV, raising=False)
     with pytest.raises(ValueError, match="allow_remote"):
         panel.launch("unused", host="0.0.0.0")
+    with pytest.raises(ValueError, match="needs credentials.*--auth USER:PASS.*--auth-file.*EMOLORA_PANEL_AUTH"):
+        panel.launch("unused", host="0.0.0.0", allow_remote=True)
     assert panel.main(["--host", "192.168.1.5"]) == 2
     assert "--listen-all" in capsys.readouterr().out
+    assert panel.main(["--listen-all"]) == 2
+    assert "needs credentials" in capsys.readouterr().out and panel.url() is None
     args = panel.build_parser().parse_args([])
     assert args.host is None and args.port == 7861 and not args.listen_all
+    assert args.auth is None and args.model_root is None and args.data_root is None
+    # the CLI's entry
+    r = subprocess.run([sys.executable, "-m", "trainer", "panel", "--host", "0.0.0.0", "--listen-all"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, auth.ENV: ""})
+    assert r.returncode == 2 and "needs credentials" in r.stdout, r.stdout + r.stderr
 
 
-# ---- imports: top-level trainer and the ComfyUI package layout -------------------------------------------------
-def test_imports_the_top_level_trainer():
-    assert _trainer.runstore().__name__ == "trainer.runstore"
-    assert _trainer.package_root() == str(ROOT)
-    assert "EmoNavi" in _trainer.config().OPTIMIZER_NAMES
+def test_credentials_from_flags_file_and_environment(tmp_path):
+    f = tmp_path / "logins"
+    f.write_text("# the panel's users\nann:pa:ss word\n\nbob:x\n")
+    assert auth.credentials(["me:1"], f, env="env:2") == [("me", "1"), ("ann", "pa:ss word"), ("bob", "x"),
+                                                          ("env", "2")]
+    assert auth.credentials([], None, env="") == []
+    for pairs, file, env, match in ((["nocolon"], None, "", "--auth #1, line 1"), ([":p"], None, "", "user:pass"),
+                                    ([], tmp_path / "none", "", "cannot read"), ([], None, "u:", "EMOLORA_PANEL_AUTH")):
+        with pytest.raises(auth.AuthError, match=match):
+            auth.credentials(pairs, file, env=env)
+    (tmp_path / "empty").write_text("# nothing\n")
+    with pytest.raises(auth.AuthError, match="no user:pass"):
+        auth.credentials([], tmp_path / "empty", env="")
+
+
+# ---- imports: the pack's trainer, relatively -------------------------------------------------------------------
+def test_the_panel_imports_the_packs_trainer():
+    assert data.runstore.__name__ == f"{PACK}.trainer.runstore"
+    assert launcher.PACKAGE_ROOT == ROOT
+    code = ("import sys; from trainer.cli import load_pack; load_pack(); import emolora.web.panel.app;"
+            "assert 'emolora.trainer.runstore' in sys.modules; assert 'trainer.runstore' not in sys.modules")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_imports_the_trainer_relatively_inside_a_package(tmp_path):
@@ -235,9 +424,9 @@ def test_imports_the_trainer_relatively_inside_a_package(tmp_path):
     shutil.copytree(ROOT / "web", pack / "web", ignore=ignore)
     shutil.copytree(ROOT / "trainer", pack / "trainer", ignore=ignore)
     (pack / "__init__.py").write_text("")
-    code = ("import sys; import EmoLoRA_pack.web.panel as p; from EmoLoRA_pack.web.panel import _trainer as t;"
+    code = ("import sys; import EmoLoRA_pack.web.panel.app as a;"
             "assert 'trainer' not in sys.modules, 'top-level trainer imported';"
-            "print(t.runstore().__name__, t.package_root())")
+            "print(a.runstore.__name__, a.launcher.PACKAGE_ROOT)")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=120)
@@ -251,16 +440,15 @@ def test_nothing_unpickles():
         assert bad not in src
 
 
-
 def test_more_signals_default_arrives_with_the_first_records(tmp_path):
-    from web.panel.app import PanelApp
+    from emolora.web.panel.app import PanelApp
 
     store = RunStore(tmp_path / "runs" / "new")
     store.set_meta(status="running", optimizer="EmoSens", pid=os.getpid(), signals=["loss", "noise_est"])
     app = PanelApp(tmp_path)
     out = app.tick(None, "", True, [], {})
-    assert out[10]["value"] == []  # nothing logged yet
+    assert _out(app, out, "more_sel")["value"] == []  # nothing logged yet
     store.log_step(1, {"loss": 1.0, "noise_est": 0.9, "stop_base": -0.9, "steps_per_s": 3.0})
-    out = app.tick("new", "", True, out[10]["value"], out[-1])
-    assert out[10]["value"] == ["stop_base", "noise_est", "steps_per_s"]
+    out = app.tick("new", "", True, _out(app, out, "more_sel")["value"], out[-1])
+    assert _out(app, out, "more_sel")["value"] == ["stop_base", "noise_est", "steps_per_s"]
     store.close()

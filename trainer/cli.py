@@ -265,8 +265,22 @@ def cmd_runs(args) -> int:
 
 
 def cmd_panel(argv) -> int:
-    try:
-        from ..web.panel import main as panel_main  # inside the ComfyUI package
-    except ImportError:  # trainer is the top-level package: python -m trainer panel
-        from web.panel import main as panel_main
-    return panel_main(argv)
+    import importlib
+
+    pack = __package__.rpartition(".")[0] or load_pack().__name__  # <pack>.trainer, or trainer at top level
+    return importlib.import_module(f"{pack}.web.panel").main(argv)
+
+
+def load_pack(name: str = "emolora"):
+    """The repository as the package ComfyUI loads it (web.panel and nodes import the trainer relatively), for
+    `python -m trainer panel` run from the repository, where trainer is top-level."""
+    import importlib.util
+
+    if name not in sys.modules:
+        root = Path(__file__).resolve().parent.parent
+        spec = importlib.util.spec_from_file_location(name, root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

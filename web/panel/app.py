@@ -1,17 +1,28 @@
 """The Gradio app: run list, live charts, controls, samples and downloads, and a form to start runs.
 
 Everything a browser can ask for goes through PanelRoot: a run is a folder name under runs/, a file is served
-only from inside the output folder. A 1-second gr.Timer refreshes the selected run; components whose content
-did not change are skipped, so an idle panel sends little more than the status line.
+only from inside the output folder, and only once the panel offers it (never a run's state or telemetry
+database); the start form reads models and datasets only from the configured roots. A 1-second gr.Timer
+refreshes the selected run; components whose content did not change are skipped, so an idle panel sends little
+more than the status line.
 """
 
 import html
+import json
+import os
 import time
 
-import gradio as gr
+# Set before gradio is imported: no analytics, no version check, no telemetry of any kind.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("GRADIO_SSR_MODE", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-from . import _trainer, data, launcher, plots
-from .paths import PanelRoot, PathError
+import gradio as gr  # noqa: E402
+
+from ...trainer import runstore  # noqa: E402
+from ...trainer.config import OPTIMIZER_NAMES, ConfigError  # noqa: E402
+from . import data, form, launcher, plots  # noqa: E402
+from .paths import PanelRoot, PathError, Roots  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CSS = """
@@ -25,10 +36,24 @@ CSS = """
 class PanelApp:
     """State shared by every browser session of one panel: the output folder, the run cache, the run list."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, model_roots=(), data_roots=()):
         self.root = PanelRoot(folder)
+        self.model_roots = Roots("model", "--model-root", model_roots)
+        self.data_roots = Roots("dataset", "--data-root", data_roots)
         self.cache = data.RunCache()
         self._runs, self._runs_at = [], 0.0
+        self._served: list = []  # Gradio's allowed_paths once launched: exactly the files offered
+
+    def serve_with(self, demo) -> None:
+        """Gradio's file route serves what is in demo.allowed_paths: from now on, the files this panel offers."""
+        demo.allowed_paths.extend(p for p in self._served if p not in demo.allowed_paths)
+        self._served = demo.allowed_paths
+
+    def offer(self, paths) -> list:
+        """Allow Gradio to serve these (already checked) files, one exact path each; return them as strings."""
+        out = [str(p) for p in paths]
+        self._served.extend(p for p in out if p not in self._served)
+        return out
 
     # ---- runs ------------------------------------------------------------------------------------------------
     def runs(self, max_age: float = 1.5) -> list:
@@ -62,7 +87,7 @@ class PanelApp:
 
     # ---- controls ----------------------------------------------------------------------------------------------
     def controller(self, name):
-        return _trainer.runstore().RunController(self.root.run_dir(name))
+        return runstore.RunController(self.root.run_dir(name))
 
     def set_auto_stop(self, name, on: bool) -> str:
         try:
@@ -95,29 +120,54 @@ class PanelApp:
         paths = rd.event_paths("save")
         if rd.meta.get("lora_path"):
             paths.append(rd.meta["lora_path"])
-        return [str(p) for p in self.root.files(paths, (".safetensors",))]
+        return self.offer(self.root.files(paths, (".safetensors",)))
 
     def sample_files(self, rd, limit: int = 24) -> list:
         paths = rd.event_paths("sample")
         samples = rd.run_dir / "samples"
         if samples.is_dir():
             paths += sorted(str(p) for p in samples.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        return [str(p) for p in self.root.files(paths, IMAGE_SUFFIXES)][-limit:]
+        return self.offer(self.root.files(paths, IMAGE_SUFFIXES)[-limit:])
 
     # ---- start a run -------------------------------------------------------------------------------------------
-    def start_run(self, model, dataset, optimizer, preset, steps, resolution, name) -> tuple:
-        base = launcher.safe_run_name(name, f"{(optimizer or 'run').lower()}-{time.strftime('%Y%m%d-%H%M%S')}")
+    FORM = ("model", "dataset", "optimizer", "preset", "steps", "lr", "args_text", "resolution", "rank", "name",
+            "network", "dora", "rslora", "validation_split", "validation_data", "validation_every")
+
+    def start_run(self, *values) -> tuple:
+        """The form's values (in FORM order) -> a background `python -m trainer train`; (message, follow)."""
+        v = dict(zip(self.FORM, values))
+        optimizer = v["optimizer"] or "EmoNavi"
+        base = launcher.safe_run_name(v.pop("name"), f"{optimizer.lower()}-{time.strftime('%Y%m%d-%H%M%S')}")
         name = launcher.unique_name(self.root, base)
         try:
-            cmd = launcher.build_command(self.root, model=model, data=dataset, optimizer=optimizer,
-                                         steps=int(steps or 1000), name=name,
-                                         preset=preset if preset and preset != "(none)" else None,
-                                         resolution=int(resolution) if resolution else None)
-        except (PathError, ValueError) as e:
+            presets, overrides = form.run_options(self.model_roots, self.data_roots, **v)
+            cmd = launcher.build_command(self.root, presets, overrides, name)
+        except (PathError, ConfigError, ValueError, TypeError) as e:
             return f"⚠ {e}", gr.skip()
         launcher.start(self.root, cmd, name)
         return (f"started `{name}` in the background (log: panel-logs/{name}.log); the panel follows it",
                 gr.update(value=True))
+
+    SHOWN = ("steps", "resolution", "rank", "network", "dora", "rslora", "validation_split", "validation_every",
+             "lr", "args_text", "note")
+    UNSET = {"network": "lora", "dora": False, "rslora": False, "validation_split": 0.0, "validation_every": 0}
+
+    def form_defaults(self, preset, optimizer) -> list:
+        """What the form shows (SHOWN order) for a preset and an optimizer: the values the run would get
+        (real ones, not 'the preset's'), the optimizer's own arguments and what the preset sets."""
+        optimizer = optimizer or "EmoNavi"
+        cfg = form.defaults(preset, optimizer)
+        values = {k: getattr(cfg, k, None) for k in self.SHOWN}
+        values.update({k: v for k, v in self.UNSET.items() if values[k] is None})
+        values.update(args_text=json.dumps(form.optimizer_defaults(optimizer)), note=form.preset_summary(preset))
+        return [values[k] for k in self.SHOWN]
+
+    def form_choices(self) -> list:
+        """The models and datasets found under the roots (fresh at every page load)."""
+        models = self.model_roots.scan(lambda p: p.suffix.lower() == ".safetensors" and p.is_file()
+                                       or p.is_dir() and (p / "model_index.json").is_file())
+        folders = self.data_roots.scan(lambda p: p.is_dir(), depth=1)
+        return [gr.update(choices=models), gr.update(choices=folders), gr.update(choices=folders)]
 
     def launcher_note(self, name) -> str:
         procs = launcher.poll()
@@ -148,14 +198,15 @@ class PanelApp:
             f"<span class='emo-big'><span id='emolora-step' data-step='{s['step']}'>step {s['step']}</span>"
             f" / {total}</span>",
             f"<span><b>{e(s['name'])}</b> · {e(str(s['optimizer']))} · "
-            f"<span id='emolora-run-status' data-status='{e(s['status'])}'>{e(status)}</span></span>",
+            f"<span id='emolora-run-status' data-status='{e(s['status'])}' data-stop-reason='{e(str(reason or ''))}'>"
+            f"{e(status)}</span></span>",
             f"<span>loss {loss}</span>", f"<span>{sps} steps/s</span>",
             f"<span>ETA {data.fmt_duration(s['eta_s'])}</span>", f"<span>memory {mem}</span>",
             f"<span>auto-stop: <b id='emolora-auto' data-mode='{e(s['auto_stop'])}'>{e(s['auto_stop'])}</b></span>",
             rise]
         extra = ""
         if s["error"]:
-            extra += f"<div class='emo-warn'>{e(str(s['error']))}</div>"
+            extra += f"<div class='emo-warn' id='emolora-stop-message'>{e(str(s['error']))}</div>"
         if s["lora_path"] and not self.root.files([s["lora_path"]]):
             extra += (f"<div>LoRA: {e(str(s['lora_path']))} (outside the output folder {e(str(self.root.root))}: "
                       "not offered for download)</div>")
@@ -186,6 +237,7 @@ class PanelApp:
             for k in plots.CHART_KEYS:
                 out[k] = gr.update(value="", visible=k == "loss")
             out.update(auto=gr.skip(), more_sel=gr.skip(), gallery=gr.skip(), files=gr.skip())
+            out.update(self._controls(False, st))
             return [*self._ordered(out), st]
         # charts: redrawn only when the run (or the compared one, or the choice of signals) changed
         more_choices = plots.more_choices(rd)
@@ -222,21 +274,29 @@ class PanelApp:
         files = self.lora_files(rd)
         out["files"] = gr.update(value=files or None) if (name, tuple(files)) != st.get("files") else gr.skip()
         st["files"] = (name, tuple(files))
+        out.update(self._controls(rd.status()["status"] == "running", st))
         return [*self._ordered(out), st]
+
+    @staticmethod
+    def _controls(running: bool, st: dict) -> dict:
+        """Stop and Save now act on a running trainer only: inactive for any other run (sent when it changes)."""
+        if st.get("running") == running:
+            return {"stop_btn": gr.skip(), "save_btn": gr.skip()}
+        st["running"] = running
+        return {"stop_btn": gr.update(interactive=running), "save_btn": gr.update(interactive=running)}
 
     def pick(self, run, compare, follow, more, st):
         """The user picked a run: stop following the newest one and show the pick."""
         return [False, *self.tick(run, compare, False, more, st)]
 
-    ORDER = ("run", "compare", "status", *plots.CHART_KEYS, "auto", "more_sel", "gallery", "files")
+    ORDER = ("run", "compare", "status", *plots.CHART_KEYS, "auto", "more_sel", "gallery", "files", "stop_btn",
+             "save_btn")
 
     def _ordered(self, out: dict) -> list:
         return [out[k] for k in self.ORDER]
 
     # ---- the page ----------------------------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
-        cfg = _trainer.config()
-        presets = ["(none)"] + [p["name"] for p in cfg.list_presets() if p["kind"] != "optimizer"]
         with gr.Blocks(title="EmoLoRA panel", analytics_enabled=False, delete_cache=(600, 1800)) as demo:
             st = gr.State({})
             gr.Markdown(f"### EmoLoRA training panel\nOutput folder: `{self.root.root}`")
@@ -249,8 +309,8 @@ class PanelApp:
             status = gr.HTML(elem_id="emolora-status")
             with gr.Row():
                 auto = gr.Checkbox(label="Auto-stop when should_stop rises", value=True, elem_id="emolora-autostop")
-                stop_btn = gr.Button("Stop (save and end)", variant="stop", elem_id="emolora-stop")
-                save_btn = gr.Button("Save now", elem_id="emolora-save")
+                stop_btn = gr.Button("Stop (save and end)", variant="stop", elem_id="emolora-stop", interactive=False)
+                save_btn = gr.Button("Save now", elem_id="emolora-save", interactive=False)
             action = gr.Markdown(elem_id="emolora-action")
             chart = {}
             with gr.Row():
@@ -267,21 +327,11 @@ class PanelApp:
             with gr.Row():
                 gallery = gr.Gallery(label="Samples", visible=False, columns=4, height=260, elem_id="emolora-samples")
                 files = gr.File(label="LoRA files", file_count="multiple", interactive=False, elem_id="emolora-files")
-            with gr.Accordion("Start a run", open=False):
-                with gr.Row():
-                    f_model = gr.Textbox(label="SDXL model (.safetensors file or diffusers folder)", scale=3)
-                    f_data = gr.Textbox(label="Dataset folder", scale=3)
-                with gr.Row():
-                    f_opt = gr.Dropdown(label="Optimizer", choices=list(cfg.OPTIMIZER_NAMES), value="EmoNavi")
-                    f_preset = gr.Dropdown(label="Preset", choices=presets, value="(none)")
-                    f_steps = gr.Number(label="Steps", value=1000, precision=0, minimum=1)
-                    f_res = gr.Number(label="Resolution (0: the preset's)", value=0, precision=0, minimum=0)
-                    f_name = gr.Textbox(label="Run name (optional)")
-                start_btn = gr.Button("Start training", variant="primary", elem_id="emolora-start")
-                start_msg = gr.Markdown()
+            f = self._start_form()
             timer = gr.Timer(1.0)
 
-            outputs = [run, compare, status, *[chart[k] for k in plots.CHART_KEYS], auto, more_sel, gallery, files, st]
+            outputs = [run, compare, status, *[chart[k] for k in plots.CHART_KEYS], auto, more_sel, gallery, files,
+                       stop_btn, save_btn, st]
             inputs = [run, compare, follow, more_sel, st]
             timer.tick(self.tick, inputs, outputs, show_progress="hidden", queue=True, concurrency_limit=4)
             demo.load(self.tick, inputs, outputs, show_progress="hidden")
@@ -291,9 +341,62 @@ class PanelApp:
             auto.input(self.set_auto_stop, [run, auto], action, show_progress="hidden")
             stop_btn.click(self.request_stop, run, action, show_progress="hidden")
             save_btn.click(self.request_save, run, action, show_progress="hidden")
-            start_btn.click(self.start_run, [f_model, f_data, f_opt, f_preset, f_steps, f_res, f_name],
-                            [start_msg, follow])
+            f["start"].click(self.start_run, [f[k] for k in self.FORM], [f["message"], follow])
+            for chooser in (f["preset"], f["optimizer"]):
+                chooser.input(self.form_defaults, [f["preset"], f["optimizer"]], [f[k] for k in self.SHOWN])
+            demo.load(self.form_choices, None, [f["model"], f["dataset"], f["validation_data"]])
         return demo
+
+    def _start_form(self) -> dict:
+        """The 'Start a run' form: its components by name (FORM order, plus note, start and message)."""
+        values = dict(zip(self.SHOWN, self.form_defaults(form.NONE, "EmoNavi")))
+        presets = [form.NONE] + [p["name"] for p in form.training_presets()]
+        f = {}
+        with gr.Accordion("Start a run", open=False, elem_id="emolora-start-form"):
+            with gr.Row():
+                f["model"] = gr.Dropdown(label=f"SDXL model (.safetensors or diffusers folder) in {self.model_roots}",
+                                         choices=[], value=None, allow_custom_value=True, scale=3,
+                                         elem_id="emolora-f-model")
+                f["dataset"] = gr.Dropdown(label=f"Dataset folder in {self.data_roots}", choices=[], value=None,
+                                           allow_custom_value=True, scale=3, elem_id="emolora-f-dataset")
+            with gr.Row():
+                f["preset"] = gr.Dropdown(label="Training preset", choices=presets, value=form.NONE,
+                                          elem_id="emolora-f-preset")
+                f["steps"] = gr.Number(label="Steps", value=values["steps"], precision=0, minimum=1,
+                                       elem_id="emolora-f-steps")
+                f["resolution"] = gr.Number(label="Resolution", value=values["resolution"], precision=0, minimum=32,
+                                            step=32, elem_id="emolora-f-resolution")
+                f["rank"] = gr.Number(label="Rank", value=values["rank"], precision=0, minimum=1,
+                                      elem_id="emolora-f-rank")
+                f["name"] = gr.Textbox(label="Run name (optional)", elem_id="emolora-f-name")
+            f["note"] = gr.Markdown(values["note"], elem_id="emolora-f-preset-note")
+            with gr.Row():
+                f["optimizer"] = gr.Dropdown(label="Optimizer", choices=list(OPTIMIZER_NAMES), value="EmoNavi",
+                                             elem_id="emolora-f-optimizer")
+                f["lr"] = gr.Number(label="Learning rate (the EmoSens line: emoScope)", value=values["lr"],
+                                    minimum=0, elem_id="emolora-f-lr")
+                f["args_text"] = gr.Textbox(label="Optimizer arguments (JSON: its defaults; change any)",
+                                            value=values["args_text"], lines=2, scale=3, elem_id="emolora-f-args")
+            with gr.Row():
+                f["network"] = gr.Dropdown(label="Network", choices=list(form.NETWORK_TYPES),
+                                           value=values["network"], visible=form.has_option("network"),
+                                           elem_id="emolora-f-network")
+                f["dora"] = gr.Checkbox(label="DoRA", value=values["dora"], visible=form.has_option("dora"),
+                                        elem_id="emolora-f-dora")
+                f["rslora"] = gr.Checkbox(label="rsLoRA", value=values["rslora"], visible=form.has_option("rslora"),
+                                          elem_id="emolora-f-rslora")
+            with gr.Row(visible=form.has_option("validation_split")):
+                f["validation_split"] = gr.Number(label="Validation split (0: none)", value=values["validation_split"],
+                                                  minimum=0,
+                                                  maximum=0.9, step=0.05, elem_id="emolora-f-vsplit")
+                f["validation_data"] = gr.Dropdown(label="Validation folder (optional)", choices=[], value=None,
+                                                   allow_custom_value=True, elem_id="emolora-f-vdata")
+                f["validation_every"] = gr.Number(label="Validation loss every N steps",
+                                                  value=values["validation_every"], precision=0, minimum=0,
+                                                  elem_id="emolora-f-vevery")
+            f["start"] = gr.Button("Start training", variant="primary", elem_id="emolora-start")
+            f["message"] = gr.Markdown(elem_id="emolora-start-message")
+        return f
 
 
 def theme():

@@ -11,7 +11,8 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from . import _trainer
+from ...trainer import runstore
+from ...trainer.optim import OPTIMIZER_INFO
 
 EMA_RATES = {"ema_short": 0.3, "ema_medium": 0.05, "ema_long": 0.01}  # the trainer's loss EMAs (B1)
 NOT_SIGNALS = {"step", "t", "epoch", "skipped", "skipped_total", "should_stop", "shadow_active", "step_time",
@@ -26,11 +27,8 @@ class RunData:
     """One run's telemetry as columns (steps, and name -> values aligned with steps; None where missing)."""
 
     def __init__(self, run_dir):
-        rs = _trainer.runstore()
         self.run_dir = Path(run_dir)
-        self.reader = rs.RunReader(self.run_dir)
-        self._read_control = rs.read_control
-        self._control_name = rs.CONTROL_NAME
+        self.reader = runstore.RunReader(self.run_dir)
         self.lock = threading.Lock()
         self.meta: dict = {}
         self.config: dict = {}
@@ -78,7 +76,7 @@ class RunData:
         if new:
             self._append(new)
             self.version += 1
-        self.control = self._read_control(self.run_dir / self._control_name)
+        self.control = runstore.read_control(self.run_dir / runstore.CONTROL_NAME)
         self.alive = self.reader.is_alive()
 
     def _append(self, records: list) -> None:
@@ -131,7 +129,7 @@ class RunData:
         sig = self.meta.get("signals")
         if isinstance(sig, list) and sig:
             return [s for s in sig if isinstance(s, str)]
-        info = _trainer.optimizer_info().get(self.meta.get("optimizer") or self.config.get("optimizer"))
+        info = OPTIMIZER_INFO.get(self.meta.get("optimizer") or self.config.get("optimizer"))
         return list(info.signals) if info else []
 
     def numeric_keys(self) -> list:
@@ -166,6 +164,20 @@ class RunData:
         col = self.cols.get(name) or []
         return next((v for v in reversed(col) if v is not None), None)
 
+    def stop_message(self):
+        """Why the run ended, in the trainer's words: the meta's error or message, else the last stop/error
+        event's (a diverged run names the optimizer, the step and what to try); None when there is none."""
+        for key in ("error", "message"):
+            if isinstance(self.meta.get(key), str) and self.meta[key]:
+                return self.meta[key]
+        for e in reversed(self.events):
+            d = e.get("data")
+            if e["kind"] in ("stop", "error", "diverged") and isinstance(d, dict):
+                msg = d.get("message") or d.get("error")
+                if isinstance(msg, str) and msg:
+                    return msg
+        return None
+
     def status(self) -> dict:
         """What the status line shows."""
         m = self.meta
@@ -185,7 +197,7 @@ class RunData:
                 "status": status, "stop_reason": m.get("stop_reason"), "step": step, "steps_total": total,
                 "steps_per_s": sps, "eta_s": eta, "mem_mb": mem, "mem_peak_mb": mem_peak,
                 "loss": self.last("loss"), "auto_stop": auto, "should_stop_rises": self.should_stop_rises(),
-                "lora_path": m.get("lora_path"), "error": m.get("error"), "device": m.get("device"),
+                "lora_path": m.get("lora_path"), "error": self.stop_message(), "device": m.get("device"),
                 "started_at": m.get("started_at")}
 
     def close(self) -> None:
@@ -215,12 +227,11 @@ class RunCache:
 
 def list_runs(runs_dir) -> list:
     """The runs in `runs_dir`, newest first, each with name, status (dead when its process is gone) and meta."""
-    rs = _trainer.runstore()
     out = []
-    for r in rs.RunReader.list_runs(runs_dir):
+    for r in runstore.RunReader.list_runs(runs_dir):
         st = r.get("status", "starting")
         if st == "running":
-            reader = rs.RunReader(r["run_dir"])
+            reader = runstore.RunReader(r["run_dir"])
             try:
                 if not reader.is_alive():
                     st = "dead"

@@ -9,12 +9,18 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-from . import _trainer
+from ...trainer.config import build_config
 from .paths import SAFE_NAME, PathError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # the folder holding trainer/: `-m trainer` runs there
+# Options with a flag of their own on the trainer's command line (the rest go as --set KEY=JSON).
+FLAGS = {"model": "--model", "data": "--data", "optimizer": "--optimizer", "steps": "--steps", "lr": "--lr",
+         "resolution": "--resolution", "rank": "--rank"}
 
 _procs: dict = {}  # run name -> Popen
 _lock = threading.Lock()
@@ -33,23 +39,19 @@ def unique_name(root, base: str) -> str:
     return name
 
 
-def build_command(root, *, model: str, data: str, optimizer: str, steps: int, name: str, preset: str | None = None,
-                  resolution: int | None = None, extra: dict | None = None) -> list:
-    """The trainer's command line for a run named `name` whose LoRA is <root>/<name>.safetensors."""
-    if not model or not Path(model).expanduser().exists():
-        raise PathError(f"model not found: {model!r}")
-    if not data or not Path(data).expanduser().is_dir():
-        raise PathError(f"dataset folder not found: {data!r}")
-    cmd = [_trainer.python(), "-m", "trainer", "train", "--no-progress",
-           "--model", str(Path(model).expanduser().resolve()), "--data", str(Path(data).expanduser().resolve()),
-           "--output", str(root.root / f"{name}.safetensors"), "--run-name", name,
-           "--optimizer", optimizer, "--steps", str(int(steps)), "--set", f"runs_dir={root.runs_dir}"]
-    if preset:
-        cmd += ["--preset", preset]
-    if resolution:
-        cmd += ["--resolution", str(int(resolution))]
-    for k, v in (extra or {}).items():
-        cmd += ["--set", f"{k}={json.dumps(v)}"]
+def build_command(root, presets: list, overrides: dict, name: str) -> list:
+    """The trainer's command line for a run named `name` whose LoRA is <root>/<name>.safetensors, its run folder
+    under the panel's runs folder. The merged config is validated here first (a bad value is reported in the
+    form, not in a log)."""
+    overrides = {**overrides, "output": str(root.root / f"{name}.safetensors"), "run_name": name,
+                 "runs_dir": str(root.runs_dir)}
+    build_config(presets=presets, overrides=overrides)  # raises ConfigError naming the bad option
+    cmd = [sys.executable, "-m", "trainer", "train", "--no-progress", "--output", overrides.pop("output"),
+           "--run-name", overrides.pop("run_name")]
+    for p in presets:
+        cmd += ["--preset", p]
+    for k, v in overrides.items():
+        cmd += [FLAGS[k], str(v)] if k in FLAGS else ["--set", f"{k}={json.dumps(v)}"]
     return cmd
 
 
@@ -58,7 +60,7 @@ def start(root, cmd: list, name: str) -> subprocess.Popen:
     logs = root.root / "panel-logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{name}.log"
-    cwd = _trainer.package_root()
+    cwd = str(PACKAGE_ROOT)
     env = dict(os.environ)
     env["PYTHONPATH"] = cwd + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")

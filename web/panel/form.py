@@ -1,0 +1,178 @@
+"""The start form's logic, without Gradio: what it offers (presets, the optimizer's own arguments, the network
+and validation options) and the form's choices -> the presets and overrides the trainer's CLI merges.
+
+A value is passed on only where it differs from what the chosen presets and optimizer already give, so the run
+the form starts is the run `python -m trainer train` starts with the same choices as flags.
+"""
+
+import dataclasses
+import inspect
+import json
+import math
+
+from ...trainer.config import (
+    OPTIMIZER_NAMES,
+    ConfigError,
+    TrainConfig,
+    build_config,
+    list_presets,
+    load_preset,
+    optimizer_preset_name,
+)
+from .paths import PathError
+
+NONE = "(none)"
+NETWORK_TYPES = ("lora", "loha", "lokr")
+# Options the form shows only when this trainer has them (network type and validation come with newer trainers).
+NETWORK_OPTIONS = ("network", "dora", "rslora")
+VALIDATION_OPTIONS = ("validation_split", "validation_data", "validation_every")
+# Constructor arguments that are not the optimizer's maths: the trainer sets them (or they only print).
+ENGINE_ARGS = {"self", "params", "defaults", "lr", "writer", "foreach", "state_dtype", "fused", "dtype", "notify",
+               "maximize", "capturable", "differentiable"}
+
+
+def has_option(name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def training_presets() -> list[dict]:
+    """[{name, description}] of the training presets (character, style, concept, low-vram, ...)."""
+    return [p for p in list_presets() if p["kind"] != "optimizer"]
+
+
+def preset_summary(name) -> str:
+    if not name or name == NONE:
+        return "no training preset: the trainer's defaults and the optimizer's preset"
+    settings = load_preset(name)
+    return f"**{name}** sets " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in settings.items())
+
+
+# ---- the optimizer's own arguments ------------------------------------------------------------------------------
+def _optimizer_class(name: str):
+    if name == "AdamW":
+        import torch
+
+        return torch.optim.AdamW
+    from ...trainer.optim import OPTIMIZERS
+
+    return OPTIMIZERS[name]
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def constructor_defaults(name: str) -> dict:
+    """The keyword arguments of the optimizer's constructor with their defaults (subclass first, following
+    *args/**kwargs up the class chain), without lr and the engine's own switches."""
+    if name not in OPTIMIZER_NAMES:
+        raise ConfigError(f"optimizer: unknown name {name!r}")
+    out: dict = {}
+    for klass in _optimizer_class(name).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        for p in params:
+            if p.name not in ENGINE_ARGS and p.name not in out and p.default is not inspect.Parameter.empty \
+                    and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                out[p.name] = _jsonable(p.default)
+        if not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+            break
+    return out
+
+
+def _preset_args(name: str) -> dict:
+    preset = optimizer_preset_name(name)
+    return dict(load_preset(preset).get("optimizer_args") or {}) if preset else {}
+
+
+def optimizer_defaults(name: str) -> dict:
+    """What the form shows for `name`: its constructor's defaults with its own preset's values on top."""
+    return {**constructor_defaults(name), **{k: _jsonable(v) for k, v in _preset_args(name).items()}}
+
+
+def recommended_lr(name: str):
+    preset = optimizer_preset_name(name)
+    return load_preset(preset).get("lr") if preset else None
+
+
+def _same_kind(value, default) -> bool:
+    number = (int, float)
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, number) or default is None:
+        return value is None and default is None or isinstance(value, number) and not isinstance(value, bool)
+    if isinstance(default, list):
+        return isinstance(value, list) and len(value) == len(default) and all(
+            isinstance(v, number) and not isinstance(v, bool) for v in value)
+    return isinstance(value, type(default))
+
+
+def optimizer_args(name: str, text: str) -> dict:
+    """The form's JSON of arguments -> the optimizer_args to pass: {} when nothing changed; else every argument
+    that differs from the constructor's default, plus the optimizer preset's (a config's optimizer_args replaces
+    the preset's as a whole)."""
+    shown = optimizer_defaults(name)
+    try:
+        given = json.loads(text) if text and text.strip() else {}
+    except ValueError as e:
+        raise ConfigError(f"optimizer arguments: not valid JSON ({e})") from None
+    if not isinstance(given, dict):
+        raise ConfigError("optimizer arguments: a JSON object, e.g. {\"weight_decay\": 0.01}")
+    for k, v in given.items():
+        if k not in shown:
+            raise ConfigError(f"optimizer arguments: {name} takes no {k!r}; its arguments: {', '.join(shown)}")
+        if not _same_kind(v, shown[k]) or isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"optimizer arguments: {k} must be like {json.dumps(shown[k])}, got {json.dumps(v)}")
+    given = {**shown, **given}
+    if given == shown:
+        return {}
+    ctor, preset = constructor_defaults(name), _preset_args(name)
+    return {k: v for k, v in given.items() if k in preset or v != ctor[k]}
+
+
+# ---- choices -> presets and overrides ---------------------------------------------------------------------------
+def defaults(preset, optimizer: str) -> TrainConfig:
+    """The config the chosen presets give before the form's own values (what the form shows)."""
+    return build_config(presets=[preset] if preset and preset != NONE else [], overrides={"optimizer": optimizer},
+                        validate=False)
+
+
+def run_options(model_roots, data_roots, *, model, dataset, optimizer, preset, steps, lr=None, args_text="",
+                resolution=None, rank=None, network=None, dora=None, rslora=None, validation_split=None,
+                validation_data=None, validation_every=None) -> tuple:
+    """(presets, overrides) for the trainer; paths confined to the roots. Raises PathError or ConfigError."""
+    if optimizer not in OPTIMIZER_NAMES:
+        raise ConfigError(f"optimizer: unknown name {optimizer!r}")
+    base = defaults(preset, optimizer)
+    model_path = model_roots.resolve(model)
+    if not model_path.exists():
+        raise PathError(f"model not found: {model}")
+    data_path = data_roots.resolve(dataset)
+    if not data_path.is_dir():
+        raise PathError(f"dataset folder not found: {dataset}")
+    overrides = {"model": str(model_path), "data": str(data_path), "optimizer": optimizer, "steps": int(steps)}
+    chosen = {"lr": lr, "resolution": resolution, "rank": rank, "network": network, "dora": dora,
+              "rslora": rslora, "validation_split": validation_split, "validation_every": validation_every}
+    for key, value in chosen.items():
+        if not has_option(key):
+            if value not in (None, False, 0, "", "lora"):
+                raise ConfigError(f"{key}: this trainer has no such option (got {value!r})")
+            continue
+        if value is None:
+            continue
+        if value != getattr(base, key):
+            overrides[key] = value
+    if validation_data and not has_option("validation_data"):
+        raise ConfigError("validation_data: this trainer has no such option")
+    if validation_data:
+        folder = data_roots.resolve(validation_data)
+        if not folder.is_dir():
+            raise PathError(f"validation folder not found: {validation_data}")
+        overrides["validation_data"] = str(folder)
+    args = optimizer_args(optimizer, args_text)
+    if args:
+        overrides["optimizer_args"] = args
+    presets = [preset] if preset and preset != NONE else []
+    return presets, overrides
