@@ -15,7 +15,7 @@ NAMES = sorted(OPTIMIZERS)
 SHADOW = sorted(set(NAMES) - {"RefAdamWminiScheduleFree", "AutoTrustGO"})  # the Emo family has use_shadow
 ZONED = {"EmoClan", "EmoZeal", "EmoNeco"}  # the step's rule depends on the loss: count every zone
 GROUPED = ["EmoFact", "EmoAiry", "EmoZeal", "EmoClan", "EmoNeco"]  # rules with per-tensor reductions
-SHORT = dp.ZONE_LOSSES[:4]
+SHORT = dp.ZONE_LOSSES[:3]  # a first step creates the state; the next two are counted
 
 
 def _losses(name):
@@ -75,6 +75,11 @@ def test_device_signals_are_read_in_the_callers_transfer():
     opt.step(loss=0.3)
     with pytest.raises(ValueError, match="signals"):
         opt.resolve_signals([1.0])
+    taken = opt.take_pending_signals()  # a trainer that reads them with the next step's loss
+    assert taken[0] == names and opt.pending_signals is None
+    with SyncCounter() as c:
+        tel = opt.telemetry
+    assert c.count == 0 and "rho" not in tel and tel["loss"] == 0.3
 
 
 @pytest.mark.parametrize("name", GROUPED)
@@ -95,3 +100,18 @@ def test_grouped_foreach_matches_per_tensor_on_repeated_shapes(name):
         for k, v in oa.state[a].items():
             if torch.is_tensor(v):
                 torch.testing.assert_close(ob.state[b][k], v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["EmoNavi", "EmoFact", "EmoTion"])
+def test_bf16_parameters_are_cast_per_shape_not_per_tensor(name):
+    """bf16 params are updated in float32: the casts in and out go by shape too (stack + one cast, one copy back)."""
+    def bf16(modules):
+        params = [torch.nn.Parameter(p.detach().bfloat16()) for p in dp.lora_params(modules, rank=1)]
+        for p in params:
+            p.grad = torch.full(p.shape, 1e-3, dtype=torch.bfloat16)
+        return params
+
+    full = dp.step_dispatches(name, bf16(722), losses=SHORT)
+    half = dp.step_dispatches(name, bf16(361), losses=SHORT)
+    assert dp.passes_bar(full["max"], half["max"]), (full["max"], half["max"], full["by_op"])
+    assert full["by_op"].get("_foreach_copy_") == 1 and "copy_" not in full["by_op"]

@@ -2,6 +2,23 @@
 
 Subclasses implement `_step(loss)` (the upstream step with the loss already a python float) and, when they
 keep scalar state outside `self.state[p]`, `_extra_state()` / `_load_extra_state()`.
+
+Execution: `_apply(rule, items, keys, grouped=...)` runs a rule per tensor (the CPU default) or as foreach
+kernels (CUDA default, or foreach=True); in foreach mode the number of ops per step does not depend on the
+number of tensors (rules with per-tensor reductions batch same-shape tensors, see _tensors; low-precision
+params are cast per shape). `python -m trainer.optim.bench --dispatch` counts them.
+
+Host reads: the loss is the only host value a step needs; step(loss=<python float>) in foreach mode reads
+nothing back from the device (tests/test_optim_dispatch.py). Signals that live on the device (EmoTion's rho
+and freshness, EmoVoid's rescale, ...) are published as 0-dim tensors and stacked into one device tensor:
+
+    opt.pending_signals          -> (names, 1-D float32 device tensor) of the last step, or None (peek)
+    opt.take_pending_signals()   -> the same, handed over: the optimizer forgets them
+    opt.resolve_signals(values)  -> give back their host values (floats, in names' order) read by the caller
+    opt.telemetry                -> every signal as python values; reads pending ones itself (one transfer)
+                                    unless they were resolved or taken
+
+so a trainer fetches them in the transfer it makes for the loss anyway (e.g. the next step's).
 """
 
 import logging
@@ -10,7 +27,15 @@ import math
 import torch
 
 from ._emotion import new_history
-from ._tensors import TensorList, as_compute, default_foreach, shape_order, write_back
+from ._tensors import (
+    TensorList,
+    as_compute,
+    as_compute_runs,
+    default_foreach,
+    shape_order,
+    write_back,
+    write_back_foreach,
+)
 
 log = logging.getLogger("emolora.optim")
 
@@ -113,19 +138,25 @@ class EmoOptimizer(torch.optim.Optimizer):
         if not items:
             return
         use_foreach = not per_tensor and self._uses_foreach([p for p, _, _ in items])
-        groups = None
-        if use_foreach and grouped:
-            order, groups = self._shape_order(items)
-            items = [items[i] for i in order]
-        params = [p for p, _, _ in items]
-        work, grads = as_compute(params, [g for _, g, _ in items], self._compute_dtype(params[0]))
-        if use_foreach:
-            states = {k: TensorList((st[k] for _, _, st in items), groups) for k in keys}
-            rule(TensorList(work, groups), TensorList(grads, groups), states, **scalars)
-        else:
+        dtype = self._compute_dtype(items[0][0])
+        if not use_foreach:
+            params = [p for p, _, _ in items]
+            work, grads = as_compute(params, [g for _, g, _ in items], dtype)
             for w, g, (_, _, st) in zip(work, grads, items):
                 rule(w, g, st, **scalars)
-        write_back(params, work)
+            write_back(params, work)
+            return
+        cast = any(p.dtype != dtype or g.dtype != dtype for p, g, _ in items)
+        groups = None
+        if grouped or cast:  # casts also go by shape: one stacked cast per shape instead of one per tensor
+            order, groups = self._shape_order(items)
+            items = [items[i] for i in order]
+        params, grads = [p for p, _, _ in items], [g for _, g, _ in items]
+        work, grads = as_compute_runs(params, grads, dtype, groups) if cast else (params, grads)
+        states = {k: TensorList((st[k] for _, _, st in items), groups) for k in keys}
+        rule(TensorList(work, groups), TensorList(grads, groups), states, **scalars)
+        if cast:
+            write_back_foreach(params, work)
 
     def _shape_order(self, items):
         """shape_order() of the items' params, cached per parameter list (the params outlive the cache key)."""
@@ -203,6 +234,12 @@ class EmoOptimizer(torch.optim.Optimizer):
         A trainer that reads the loss anyway fetches this tensor in the same transfer (cat it with the loss,
         one .tolist()) and hands the values back with resolve_signals(), so telemetry costs no extra sync."""
         return self._pending
+
+    def take_pending_signals(self):
+        """pending_signals, handed over: the optimizer forgets them (its telemetry keeps the host-side signals),
+        for a caller that reads them later, e.g. with the next step's loss."""
+        pending, self._pending = self._pending, None
+        return pending
 
     def resolve_signals(self, values) -> None:
         """Give the host values of pending_signals (python floats, in its names' order)."""

@@ -15,6 +15,8 @@ number of kernels then depends on the number of distinct shapes (9 in an SDXL Lo
 tensors.
 """
 
+import itertools
+
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -198,6 +200,31 @@ def write_back(params, work):
     for p, w in zip(params, work):
         if w is not p:
             p.copy_(w)
+
+
+def _cast_runs(tensors, groups, targets):
+    """Each same-shape run in its target dtype: as is where it already is, else one stacked cast (views)."""
+    out, i = [], 0
+    for n, dtype in zip(groups, targets):
+        run = tensors[i:i + n]
+        i += n
+        out.extend(run if all(t.dtype == dtype for t in run) else torch.stack(run).to(dtype).unbind(0))
+    return out
+
+
+def as_compute_runs(params, grads, state_dtype, groups):
+    """as_compute() for foreach mode over shape-ordered tensors: one stacked cast per same-shape run."""
+    starts = itertools.accumulate([0, *groups[:-1]])
+    targets = [torch.float32 if params[i].dtype in LOW_PRECISION and params[i].dtype != state_dtype
+               else params[i].dtype for i in starts]
+    return _cast_runs(params, groups, targets), _cast_runs(grads, groups, targets)
+
+
+def write_back_foreach(params, work):
+    """write_back() as one torch._foreach_copy_ (it casts)."""
+    pairs = [(p, w) for p, w in zip(params, work) if w is not p]
+    if pairs:
+        torch._foreach_copy_([p for p, _ in pairs], [w for _, w in pairs])
 
 
 def default_foreach(params) -> bool:
