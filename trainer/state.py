@@ -77,8 +77,9 @@ def dataset_fingerprint(items) -> str:
     return h.hexdigest()
 
 
-def save_trainer_state(run: RunSetup, loop: LoopState, store) -> Path:
-    """The run's resumable state, atomically, to <run>/state/state.pt."""
+def save_trainer_state(run: RunSetup, loop: LoopState, store, rank_rngs: list | None = None) -> Path:
+    """The run's resumable state, atomically, to <run>/state/state.pt. rank_rngs: every rank's RNG states, in
+    rank order, when several processes train (trainer/distributed.py)."""
     path = store.state_dir / STATE_FILE
     state = {
         "step": loop.step, "epoch": loop.epoch, "batch_in_epoch": loop.batch_in_epoch,
@@ -91,14 +92,16 @@ def save_trainer_state(run: RunSetup, loop: LoopState, store) -> Path:
                      "should_stop_prev": loop.should_stop_prev},
         "dataset": dataset_fingerprint(run.items),
     }
+    if rank_rngs is not None:
+        state["rank_rngs"] = rank_rngs
     save_state(path, state)
     store.event(loop.step, "state", {"path": str(path)})
     return path
 
 
-def restore_trainer_state(cfg, run: RunSetup, store) -> LoopState:
+def restore_trainer_state(cfg, run: RunSetup, store, rank: int = 0, world: int = 1) -> LoopState:
     """Load <cfg.resume>/state/state.pt into a freshly built run, cut the run's log back to its step and return
-    where the loop stands."""
+    where the loop stands. Rank r of `world` gets its own saved RNGs when the state holds as many ranks."""
     path = Path(cfg.resume).expanduser() / "state" / STATE_FILE
     state = load_state(path)
     saved = state["lora"]
@@ -119,7 +122,12 @@ def restore_trainer_state(cfg, run: RunSetup, store) -> LoopState:
                      should_stop_prev=c["should_stop_prev"])
     if state.get("dataset") != dataset_fingerprint(run.items):
         log.warning("resume: the dataset changed since the state was saved; the data order will differ")
-    set_rng_state(state["rng"])  # after the loads: the next step must see exactly the saved streams
+    rank_rngs = state.get("rank_rngs") or [state["rng"]]
+    if len(rank_rngs) != world:
+        log.warning("resume: the state was saved by %d process(es), this run has %d: RNG streams (LoRA dropout) "
+                    "and the global batch (batch size x processes) differ from the saved run", len(rank_rngs), world)
+    # after the loads: the next step must see exactly the saved streams
+    set_rng_state(rank_rngs[rank] if rank < len(rank_rngs) else state["rng"])
     store.truncate_after(loop.step)
     store.event(loop.step, "resume", {"from": str(path)})
     log.info("resumed %s at step %d (epoch %d, batch %d)", store.run_dir, loop.step, loop.epoch, loop.batch_in_epoch)

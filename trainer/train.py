@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-from . import build, checkpoint, telemetry
+from . import build, checkpoint, distributed, telemetry
 from .config import TrainConfig
 from .diffusion import per_sample_loss
 from .parts import Hooks, LoadedModel, LoopState, RunSetup, Runtime
 from .placement import evaluating
 from .runstore import RunStore
-from .state import restore_trainer_state, rng_state, save_trainer_state, set_rng_state
+from .state import STATE_FILE, restore_trainer_state, rng_state, save_trainer_state, set_rng_state
 
 __all__ = ["TrainResult", "Trainer", "lr_factor", "train"]
 
@@ -95,6 +95,7 @@ class Trainer:
                  on_setup=None, progress_bar: bool = False):
         self.cfg = config
         self.hooks = Hooks(stop_event or threading.Event(), on_step, on_setup, progress_bar)
+        self.dist = distributed.Dist()  # this process's rank; several only under torchrun/accelerate launch
         self.built: RunSetup | None = None
         self.loop = LoopState()
         self.store: RunStore | None = None
@@ -125,12 +126,13 @@ class Trainer:
         """Scan the data, load the model, open the run folder, build LoRA, caches, optimizer; resume if asked.
         Cheap failures come first; a failure after the run folder exists is recorded in it."""
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference_mode
+            self.cfg, self.dist = distributed.setup(self.cfg)  # a no-op unless launched with WORLD_SIZE > 1
             cfg, items, report, rt = build.scan_and_place(self.cfg)
             self.cfg = cfg
             self.hooks.setup_phase("model", 0, 1)
             loaded = self.load_model(rt)  # a bad checkpoint fails here, before a run folder exists for it
             self.hooks.setup_phase("model", 1, 1)
-            self.store, self.control, started_at = build.open_run(cfg, rt, report)
+            self.store, self.control, started_at = self._open_run(cfg, rt, report)
             self.run_dir = self.store.run_dir
             try:
                 self.built = self._build_training(rt, loaded, items, report, started_at)
@@ -146,8 +148,24 @@ class Trainer:
         return build.load_model(self.cfg, rt)
 
     def build_data(self, rt: Runtime, loaded: LoadedModel, items):
-        """-> (TrainingData with filled caches, the fixed evaluation batch or None)."""
-        return build.build_data(self.cfg, rt, loaded, items, self.store, self.hooks)
+        """-> (TrainingData with filled caches, the fixed evaluation batch or None). Several ranks: the sampler
+        draws global batches of batch_size x ranks, of which each rank takes its rows (distributed.shard)."""
+        cfg = self.cfg.replace(batch_size=self.cfg.batch_size * self.dist.world) if self.dist.enabled else self.cfg
+        return build.build_data(cfg, rt, loaded, items, self.store, self.hooks)
+
+    def _open_run(self, cfg, rt: Runtime, report):
+        """Rank 0 opens the run folder; the other ranks learn its path and get a NullStore (they write nothing).
+        -> (store, control, the run's first start time)."""
+        dist = self.dist
+        if not dist.enabled:
+            return build.open_run(cfg, rt, report)
+        store, poller, started_at = build.open_run(cfg, rt, report) if dist.is_main else (None, None, None)
+        run_dir, started_at = dist.broadcast_object((str(store.run_dir) if store else None, started_at))
+        if dist.is_main:
+            store.set_meta(world_size=dist.world)
+        else:
+            store = distributed.NullStore(run_dir)
+        return store, distributed.SharedControl(poller, dist, self.hooks.stop_event), started_at
 
     def build_optimizer(self, params):
         """The optimizer over the LoRA parameters or param groups."""
@@ -158,7 +176,8 @@ class Trainer:
         cfg = self.cfg
         build.seed_everything(cfg.seed)
         network = build.make_network(cfg, loaded.model)
-        data, eval_batch = self.build_data(rt, loaded, items)
+        with self.dist.main_first("caching"):  # rank 0 fills the disk caches, the others then read them
+            data, eval_batch = self.build_data(rt, loaded, items)
         loaded.model.unet.to(rt.device)
         params = build.trainable_params(network, rt.device)
         groups = params
@@ -180,12 +199,13 @@ class Trainer:
         self.store.set_meta(signals=build.signal_names(cfg), lora_params=n, prediction_type=run.loaded.prediction_type,
                             lr=cfg.lr, model_hash=getattr(run.model, "model_hash", None))
         if cfg.resume:
-            self.loop = restore_trainer_state(cfg, run, self.store)
+            self.loop = restore_trainer_state(cfg, run, self.store, self.dist.rank, self.dist.world)
         else:
             self.store.event(0, "start", {"lora_params": n, "batches_per_epoch": len(run.data)})
             if cfg.eval_every:
                 self.store.log_step(0, {"eval_loss": self.evaluate(), "epoch": 0})
-        if cfg.tensorboard:
+        self.dist.broadcast_params(run.params)  # every rank starts from rank 0's weights, as under DDP
+        if cfg.tensorboard and self.dist.is_main:
             self._tb = telemetry.open_tensorboard(self.run_dir)
         log.info("training %d LoRA parameters with %s (lr %g) for %d steps; run folder %s", n, cfg.optimizer,
                  cfg.lr, cfg.steps, self.run_dir)
@@ -237,6 +257,9 @@ class Trainer:
             scaled = loss / cfg.grad_accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach().float()
+        # Several ranks: one all-reduce of gradients and loss (no sync per micro-batch); the loss stays on the
+        # device and joins the host read below, so every rank's optimizer is fed the same global mean.
+        loss_sum = self.dist.reduce_step(run.params, loss_sum)
         if scaler is not None:
             scaler.unscale_(opt)  # records found_inf for scaler.update()
         grads = [p.grad for p in run.params if p.grad is not None]
@@ -283,20 +306,29 @@ class Trainer:
     def micro_batch_loss(self, batch, micro: int) -> torch.Tensor:
         """The mean diffusion loss of one micro-batch (a 0-dim float32 tensor, graph attached)."""
         cfg, dev = self.cfg, self.built.device
+        b, rows = len(batch.indices), batch.global_rows or len(batch.indices)
+        if b == 0:  # a rank whose shard of a short global batch is empty: zero loss, zero gradients
+            return sum(p.sum() for p in self.built.params) * 0.0
         latents = batch.latents.to(dev, torch.float32)
-        b, c = latents.shape[:2]
-        # Noise and timesteps from a generator of (seed, step, micro): identical after a resume, any device.
-        g = torch.Generator().manual_seed(_mix(cfg.seed, self.loop.step, micro))
-        noise = torch.randn(latents.shape, generator=g)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((b, c, 1, 1), generator=g)
-        t = torch.randint(cfg.timestep_min, cfg.timestep_max, (b,), generator=g)
-        noise, t = noise.to(dev), t.to(dev)
+        c = latents.shape[1]
+        # Each sample's noise and timestep from a generator of (seed, step, micro, its row in the global batch):
+        # identical after a resume, on any device, and for any number of ranks sharing the batch.
+        noise, t = [], []
+        for j in range(batch.offset, batch.offset + b):
+            g = torch.Generator().manual_seed(_mix(cfg.seed, self.loop.step, micro, j))
+            n = torch.randn(latents.shape[1:], generator=g)
+            if cfg.noise_offset:
+                n = n + cfg.noise_offset * torch.randn((c, 1, 1), generator=g)
+            noise.append(n)
+            t.append(torch.randint(cfg.timestep_min, cfg.timestep_max, (1,), generator=g))
+        noise, t = torch.stack(noise).to(dev), torch.cat(t).to(dev)
         if batch.prompt_embeds is None:
             embeds, pooled = self._encode_prompts(batch.captions, grad=cfg.train_text_encoder)
         else:
             embeds, pooled = batch.prompt_embeds.to(dev), batch.pooled.to(dev)
-        return self._loss(latents, noise, t, embeds, pooled, batch.time_ids.to(dev), snr_weighting=True)
+        loss = self._loss(latents, noise, t, embeds, pooled, batch.time_ids.to(dev), snr_weighting=True)
+        # A shard's share of the global batch mean: the ranks' shares sum (all-reduce) to that mean.
+        return loss if rows == b else loss * (b / rows)
 
     def _loss(self, latents, noise, t, embeds, pooled, time_ids, *, snr_weighting: bool) -> torch.Tensor:
         cfg, loaded = self.cfg, self.built.loaded
@@ -332,7 +364,7 @@ class Trainer:
         if loop.batch_in_epoch >= len(data):
             loop.epoch += 1
             loop.batch_in_epoch = 0
-        batch = data.batch(loop.epoch, loop.batch_in_epoch)
+        batch = distributed.shard(data.batch(loop.epoch, loop.batch_in_epoch), self.dist, self.cfg.batch_size)
         loop.batch_in_epoch += 1
         return batch
 
@@ -436,19 +468,33 @@ class Trainer:
         """Sample images for cfg.sample_prompts with the LoRA as it is now; saved under samples/."""
         from .samples import sample_during_training
 
+        if not self.dist.is_main:
+            return []
         return sample_during_training(self.cfg, self.built, self.store, self.loop.step)
 
     # ---- saving and finishing (the pieces are in checkpoint.py and state.py) -------------------------------------
     def save_lora(self, path=None) -> str:
-        """Write the LoRA (kohya keys, ss_* metadata) atomically; default: the configured output."""
+        """Write the LoRA (kohya keys, ss_* metadata) atomically; default: the configured output. Several ranks:
+        all compare their LoRA and optimizer checksums first (a mismatch raises), rank 0 alone writes."""
+        self.dist.check_lockstep(self.built.params, self.built.optimizer, self.loop.step)
+        if not self.dist.is_main:
+            path = str(Path(path or self.cfg.output).expanduser())
+            self.saved.append(path)
+            return path
         path = checkpoint.save_lora(self.cfg, self.built, self.loop, self.store, path, stop_reason=self.stop_reason,
                                     summary=self._summary())
         self.saved.append(path)
         return path
 
     def save_state(self) -> Path:
-        """The resumable state, atomically, to <run>/state/state.pt."""
-        return save_trainer_state(self.built, self.loop, self.store)
+        """The resumable state, atomically, to <run>/state/state.pt (several ranks: rank 0 writes it, with every
+        rank's RNGs)."""
+        if not self.dist.enabled:
+            return save_trainer_state(self.built, self.loop, self.store)
+        rank_rngs = self.dist.gather_objects(rng_state())
+        if self.dist.is_main:
+            return save_trainer_state(self.built, self.loop, self.store, rank_rngs)
+        return self.store.state_dir / STATE_FILE
 
     def _finish(self, error: str | None = None) -> None:
         """Save the final LoRA and state, record the outcome."""
@@ -474,6 +520,8 @@ class Trainer:
                                 steps_done=self.loop.step)
 
     def _summary(self) -> dict:
+        if not self.dist.is_main:
+            return {}  # the run store (what the summary reads) is rank 0's
         device = self.built.device if self.built is not None else torch.device("cpu")
         return telemetry.summary(self.run_dir, self.loop.step, self.loop.skipped, device)
 
@@ -498,6 +546,7 @@ class Trainer:
                                     skipped_steps=self.loop.skipped)
             self.store.close()
             self.store = None
+        self.dist.shutdown()  # leaves the process group (only one this Trainer joined itself)
 
     def release(self) -> None:
         """Drop the model, LoRA, optimizer and caches and return their memory (GPU included)."""

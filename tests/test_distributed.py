@@ -1,0 +1,242 @@
+"""Multi-process training (trainer/distributed.py) on the CPU with gloo, launched as users do: torchrun.
+
+Each launch is a real `python -m torch.distributed.run ... -m trainer train` on the tiny SDXL at 64 px.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _trainer_helpers import lora_tensors, tiny_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 240  # per launch; a healthy one takes well under a minute even on a busy 2-core machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "EMOLORA_DIST_TIMEOUT": "60", "PYTHONPATH": str(ROOT),
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _config_file(cfg, path: Path) -> Path:
+    path.write_text(json.dumps(cfg.to_dict()), encoding="utf-8")
+    return path
+
+
+def _torchrun(nproc: int, *args, nnodes: int = 1, node_rank: int = 0, endpoint: str | None = None) -> list:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if nnodes > 1:  # torchrun's multi-node rendezvous, here two "nodes" on one machine over loopback
+        launcher += [f"--nnodes={nnodes}", f"--node_rank={node_rank}", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint={endpoint}", "--rdzv-id=emolora-test"]
+    else:
+        launcher += [f"--master_port={_free_port()}"]
+    return launcher + list(args)
+
+
+def _train_args(config: Path, *extra) -> list:
+    return ["-m", "trainer", "train", "--config", str(config), "--threads", "1", "--no-progress", *extra]
+
+
+def _run(cmd, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _single_process(cfg):
+    from trainer.train import train
+
+    return train(cfg)
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    """max over tensors of max|a-b| / max|b| (tensors that are all zero in b compare absolutely)."""
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for k in b:
+        scale = float(b[k].abs().max()) or 1.0
+        worst = max(worst, float((a[k] - b[k]).abs().max()) / scale)
+    return worst
+
+
+def _step_losses(run_dir) -> list:
+    from trainer.runstore import RunReader
+
+    reader = RunReader(run_dir)
+    try:
+        return [s["loss"] for s in reader.steps() if "loss" in s]
+    finally:
+        reader.close()
+
+
+# AdamW's eps is raised so that gradient elements that cancel to ~0 (whose sign is float noise) do not become
+# full-size steps: with eps=1e-8 even one process on 1 vs 2 BLAS threads differs by ~1e-2 of max|b| in a
+# zero-initialised lora_up after 6 steps. A real fault (other noise, a rank-local loss) differs by O(1).
+@pytest.mark.parametrize("optimizer,args,nodes", [("AdamW", {"eps": 1e-4}, 2), ("EmoNavi", {"eps": 1e-4}, 1)],
+                         ids=["AdamW-two-nodes-loopback", "EmoNavi-one-node"])
+def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_batch(tmp_path, one_thread, optimizer,
+                                                                           args, nodes):
+    one = tiny_config(tmp_path / "one", optimizer=optimizer, optimizer_args=args, batch_size=2, steps=6,
+                      cache_latents="disk", cache_text="disk")
+    ref = _single_process(one)
+    two = one.replace(batch_size=1, output=str(tmp_path / "two" / "lora.safetensors"), cache_dir=None)
+    config = _config_file(two, tmp_path / "two.json")
+    if nodes == 1:
+        results = [_run(_torchrun(2, *_train_args(config)))]
+    else:
+        endpoint = f"127.0.0.1:{_free_port()}"
+        procs = [subprocess.Popen(_torchrun(1, *_train_args(config), nnodes=2, node_rank=r, endpoint=endpoint),
+                                  cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for r in (0, 1)]
+        results = []
+        for p in procs:
+            out, _ = p.communicate(timeout=TIMEOUT)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, ""))
+    for r in results:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert _max_rel_diff(lora_tensors(two.output), lora_tensors(ref.lora_path)) <= 1e-3
+    # The optimizer was fed the global mean: the logged losses are one process's, step for step.
+    losses2, losses1 = _step_losses(next((tmp_path / "two" / "runs").iterdir())), _step_losses(ref.run_dir)
+    assert len(losses2) == len(losses1) == 6
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses2, losses1)) < 1e-4
+    # Rank 0 alone wrote: one run folder, one LoRA; the disk cache holds each entry once.
+    out_dir = tmp_path / "two"
+    assert sorted(p.name for p in out_dir.iterdir()) == ["cache", "lora.safetensors", "runs"]
+    assert len(list((out_dir / "runs").iterdir())) == 1
+    n_latents = len(list((out_dir / "cache" / "latents").rglob("*.safetensors")))
+    assert n_latents == len(list((tmp_path / "one" / "out" / "cache" / "latents").rglob("*.safetensors"))) > 0
+
+
+def test_ranks_out_of_lockstep_fail_loudly_at_the_save(tmp_path):
+    cfg = tiny_config(tmp_path, optimizer="AdamW", batch_size=1, steps=3)
+    config = _config_file(cfg, tmp_path / "cfg.json")
+    r = _run(_torchrun(2, str(ROOT / "tests" / "_dist_worker.py"), str(config), "desync"))
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "out of lockstep at step 3" in out and "rank(s) [1]" in out, out[-3000:]
+    assert not Path(cfg.output).exists()  # nothing was saved from diverged ranks
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _last_state_step(runs: Path):
+    from trainer.runstore import RunReader
+
+    for run in runs.iterdir() if runs.is_dir() else ():
+        try:
+            reader = RunReader(run)
+            states = reader.events(kind="state")
+            reader.close()
+        except Exception:  # the store may not exist yet
+            return None
+        return max((e["step"] for e in states), default=None)
+    return None
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (from /proc/<pid>/environ)."""
+    import psutil
+
+    for child in psutil.Process(launcher_pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank):
+                return child.pid
+        except psutil.Error:
+            continue
+    return None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="kill -9 and /proc: Linux")
+def test_killed_worker_ends_the_job_naming_the_rank_and_the_run_resumes_under_torchrun(tmp_path):
+    from trainer.state import load_state
+
+    cfg = tiny_config(tmp_path, optimizer="EmoNavi", batch_size=1, steps=500, save_state_every=2)
+    config = _config_file(cfg, tmp_path / "cfg.json")
+    runs = tmp_path / "out" / "runs"
+    job = subprocess.Popen(_torchrun(2, *_train_args(config)), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        saved = _wait_for(lambda: (_last_state_step(runs) or 0) >= 2, TIMEOUT, "a saved state")
+        assert saved
+        pid = _rank_pid(job.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        out, _ = job.communicate(timeout=120)  # bounded: gloo sees the peer gone; torchrun ends the rest
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert time.monotonic() - t0 < 120
+    assert "rank: 1" in out or "rank 1" in out, out[-3000:]
+    run_dir = next(runs.iterdir())
+    state = load_state(run_dir / "state" / "state.pt")
+    assert len(state["rank_rngs"]) == 2  # every rank's RNGs
+    resumed_from = state["step"]
+    r = _run(_torchrun(2, "-m", "trainer", "train", "--resume", str(run_dir), "--steps", str(resumed_from + 2),
+                       "--threads", "1", "--no-progress"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert load_state(run_dir / "state" / "state.pt")["step"] == resumed_from + 2
+    assert len(list(runs.iterdir())) == 1
+
+
+def test_panel_stop_ends_every_rank_at_the_same_step_and_a_different_world_resumes(tmp_path):
+    from trainer.runstore import RunController, RunReader
+
+    cfg = tiny_config(tmp_path, optimizer="EmoNavi", batch_size=1, steps=500)
+    config = _config_file(cfg, tmp_path / "cfg.json")
+    runs = tmp_path / "out" / "runs"
+    job = subprocess.Popen(_torchrun(2, *_train_args(config)), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        def stepping():
+            if not runs.is_dir() or not any(runs.iterdir()):
+                return None
+            reader = RunReader(next(runs.iterdir()))
+            try:
+                return (reader.last_step() or 0) >= 2
+            finally:
+                reader.close()
+
+        _wait_for(stepping, TIMEOUT, "training steps")
+        run_dir = next(runs.iterdir())
+        RunController(run_dir).request_stop()  # what the panel's Stop button does
+        out, _ = job.communicate(timeout=TIMEOUT)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    # Exit 0: the final save's lockstep check passed, so both ranks stopped after the same step.
+    assert job.returncode == 0, out[-3000:]
+    reader = RunReader(run_dir)
+    meta = reader.meta()
+    reader.close()
+    assert meta["status"] == "stopped" and meta["stop_reason"] == "stopped" and meta["world_size"] == 2
+    done = meta["steps_done"]
+    assert 2 <= done < 500
+    from safetensors import safe_open
+
+    with safe_open(cfg.output, "pt") as f:
+        assert int(f.metadata()["ss_steps"]) == done
+    # A different number of processes (1) continues from the same save.
+    r = _run([sys.executable, "-m", "trainer", "train", "--resume", str(run_dir), "--steps", str(done + 1),
+              "--threads", "1", "--no-progress"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "saved by 2 process(es), this run has 1" in r.stderr
