@@ -150,23 +150,21 @@ class Adapter(nn.Module):
         # y = (x W^T + x dW^T) * c + b.
         with torch.autocast(x.device.type, enabled=False):  # the norm needs dW in float32
             dw32 = self.delta_weight(torch.float32)
-        c = self._dora_factor(base.weight, dw32.detach())
+        c = self._dora_factor(base.weight, dw32.detach()).reshape((1, -1, 1, 1) if self.is_conv else (-1,)).to(dt)
         dw = dw32.to(dt)
         if not self.dora_on_output:
-            shape = (1, -1, 1, 1) if self.is_conv else (-1,)
-            xc = x * c.reshape(shape).to(dt)
+            xc = x * c
             out = base(xc, *args, **kwargs)
             return out + self._layer(self._dropout(xc, training), dw).to(out.dtype)
         out = base(x, *args, **kwargs)
-        bias = base.bias
-        shape = (1, -1, 1, 1) if self.is_conv else (-1,)
-        no_bias = out if bias is None else out - bias.reshape(shape).to(out.dtype)
-        scaled = (no_bias + self._layer(self._dropout(x, training), dw).to(out.dtype)) * c.reshape(shape).to(dt)
-        return scaled if bias is None else scaled + bias.reshape(shape).to(out.dtype)
+        bias = None if base.bias is None else base.bias.reshape(c.shape).to(out.dtype)
+        no_bias = out if bias is None else out - bias
+        scaled = (no_bias + self._layer(self._dropout(x, training), dw).to(out.dtype)) * c
+        return scaled if bias is None else scaled + bias
 
     # ------------------------------------------------------------------ files
     def export_tensors(self) -> dict[str, torch.Tensor]:
-        """suffix -> tensor (float32, detached) in the LyCORIS/kohya layout, alpha and dora_scale included."""
+        """suffix -> tensor (detached master weights) in the LyCORIS/kohya layout, alpha and dora_scale included."""
         sd = {suffix: p.detach() for suffix, p in self.named_factors()}
         sd["alpha"] = torch.tensor(self.file_alpha(), dtype=torch.float32)
         if self.dora_scale is not None:
