@@ -56,7 +56,9 @@ class FeatureCache:
             return self._mem[key]
         if self.mode == "disk" and (path := self._path(key)).is_file():
             try:
-                tensors = load_file(path)
+                # Owned, 64-byte-aligned copies: a view of the file's memory map sits wherever the header ends,
+                # and CPU kernels given unaligned inputs can round differently from a run that encoded fresh.
+                tensors = {k: v.clone() for k, v in load_file(path).items()}
             except Exception as e:  # a half-written or corrupt file: re-encode rather than fail the run
                 log.warning("cache file %s is unreadable (%s); it will be re-encoded", path, e)
                 path.unlink(missing_ok=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from . import clip_tokenizers, convert, detect, hashes
+from . import clip_tokenizers, convert, detect, hashes, tensor_file
 from . import sdxl_keys as K
 from .errors import ModelError
 
@@ -102,7 +102,7 @@ def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
 
     # Token ids of the tokenizer actually used: HF pools text_embeds at the first EOS id.
     ids = {"bos_token_id": tok1.bos_token_id, "eos_token_id": tok1.eos_token_id, "pad_token_id": tok1.eos_token_id}
-    parts = _read_components(path)
+    parts = _read_components(path, dtype, vae_dtype)
     unet_sd, left = convert.unet_to_diffusers(parts["unet"], cfg.layout)
     _no_leftovers(path, "UNet", left)
     unet = _assemble(lambda: UNet2DConditionModel(**cfg.unet), unet_sd, dtype, path, "UNet")
@@ -133,16 +133,15 @@ def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
     )
 
 
-def _read_components(path: str) -> dict[str, dict]:
-    from safetensors import safe_open
+def _read_components(path: str, dtype, vae_dtype) -> dict[str, dict]:
+    """The four components' tensors, already in their load dtype, owned and aligned (tensor_file)."""
+    prefixes = (K.UNET_PREFIX, K.TE1_PREFIX, K.TE2_PREFIX)
+
+    def dtype_of(key: str):
+        return dtype if key.startswith(prefixes) else vae_dtype if key.startswith(K.VAE_PREFIX) else None
 
     try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            sd = {
-                k: f.get_tensor(k)
-                for k in f.keys()
-                if k.startswith((K.UNET_PREFIX, K.TE1_PREFIX, K.TE2_PREFIX, K.VAE_PREFIX))
-            }
+        sd = tensor_file.read_tensors(path, dtype_of)
     except Exception as exc:
         raise ModelError(f"{path}: failed reading tensors ({exc}); the file may be truncated") from exc
     return convert.split_components(sd)
@@ -161,7 +160,7 @@ def _assemble(factory, sd: dict, dtype, path: str, what: str, te: bool = False):
         net = factory()
     if te:
         sd = convert.te_keys_for(sd, net)
-    sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    sd = {k: v if _is_whole(v, dtype) else owned(v, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
     result = net.load_state_dict(sd, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
@@ -176,6 +175,28 @@ def _assemble(factory, sd: dict, dtype, path: str, what: str, te: bool = False):
                 # CLIP's non-persistent position index buffer is not stored in checkpoints.
                 module.register_buffer(name, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
     return net
+
+
+def owned(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A fresh contiguous copy in `dtype` (torch's CPU allocator aligns to 64 bytes; see tensor_file for why)."""
+    return torch.empty(tensor.shape, dtype=dtype, device="cpu").copy_(tensor)
+
+
+def _is_whole(t: torch.Tensor, dtype) -> bool:
+    """t is a whole allocation of its own in `dtype` (as tensor_file reads them), not a view (q/k/v chunks)."""
+    return (
+        t.dtype == dtype
+        and t.is_contiguous()
+        and t.storage_offset() == 0
+        and (t.untyped_storage().nbytes() == t.numel() * t.element_size())
+    )
+
+
+def _own_all(net) -> None:
+    """Replace every parameter and buffer of a from_pretrained module (a view of the file's memory map,
+    unaligned) by an owned copy."""
+    for t in (*net.parameters(), *net.buffers()):
+        t.data = owned(t.data, t.dtype)
 
 
 def _check_vocab(path: str, tok1, vocab1: int, tok2, vocab2: int) -> None:
@@ -223,7 +244,9 @@ def _load_folder(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
         except Exception as exc:
             raise ModelError(f"{path}: cannot load {sub}/ ({exc})") from exc
         # transformers renamed torch_dtype -> dtype across versions; a cast works in all of them.
-        return net if diffusers_cls else net.to(dt)
+        net = net if diffusers_cls else net.to(dt)
+        _own_all(net)
+        return net
 
     unet = load(UNet2DConditionModel, "unet", dtype)
     te1 = load(CLIPTextModel, "text_encoder", dtype)
