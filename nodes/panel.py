@@ -59,7 +59,11 @@ def ensure_panel() -> str:
     if panel.url():
         return panel.url()
     _, models, datasets = _comfy_folders()
-    url = panel.launch(default_runs_dir(), host="127.0.0.1", model_roots=models, data_roots=datasets)
+    options = dict(host="127.0.0.1", model_roots=models, data_roots=datasets)
+    try:
+        url = panel.launch(default_runs_dir(), port=panel.DEFAULT_PORT, **options)
+    except OSError:  # 7861 is taken (another ComfyUI, a CLI panel): Gradio picks a free port from 7860 up
+        url = panel.launch(default_runs_dir(), port=None, **options)
     log.info("EmoLoRA panel at %s", url)
     return url
 

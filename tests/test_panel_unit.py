@@ -100,6 +100,22 @@ def test_charts_follow_the_optimizer(tmp_path):
             ET.fromstring(plots.svg(chart))
 
 
+def test_the_validation_loss_is_drawn_beside_the_training_loss(tmp_path):
+    for name, scale in (("val", 1.0), ("other", 2.0)):
+        store = RunStore(tmp_path / name)
+        store.set_meta(status="finished", optimizer="EmoNavi", signals=["loss"], pid=os.getpid())
+        for s in range(1, 31):
+            store.log_step(s, {"loss": 0.2, **({"val_loss": scale / s} if s % 10 == 0 else {})})
+        store.close()
+    val, other = data.RunData(tmp_path / "val").refresh(), data.RunData(tmp_path / "other").refresh()
+    series = {x.name: x for x in plots.charts(val, other)["loss"].series}
+    assert (series["validation loss"].xs, series["validation loss"].ys) == ([10, 20, 30], [0.1, 0.05, 1 / 30])
+    assert series["other (EmoNavi) validation loss"].ys == [0.2, 0.1, 2 / 30]
+    assert "val_loss" not in plots.more_choices(val)  # drawn on the loss chart, not offered again
+    alone = [x.name for x in plots.charts(val)["loss"].series]
+    assert "validation loss" in alone and not any("other" in n for n in alone)
+
+
 def test_run_data_reads_incrementally_and_survives_a_resume(tmp_path):
     store = fake_run(tmp_path, "r", steps=10, status="running")
     rd = data.RunData(tmp_path / "r").refresh()
@@ -316,7 +332,8 @@ def test_a_run_from_the_form_equals_the_same_run_from_the_cli(tmp_path, monkeypa
                "steps": 7, "lr": 2e-4, "args_text": '{"trust_level": 0.3, "eps": 1e-08}', "resolution": 64,
                "rank": 4, "name": "from form", "network": network, "dora": form.has_option("dora"),
                "rslora": False, "validation_split": 0.0, "validation_data": "held-out" if validation else None,
-               "validation_every": 3 if validation else 0}
+               "validation_every": 3 if validation else 0,
+               "auto_stop_on": "val-plateau" if form.has_option("auto_stop_on") else "should_stop"}
     msg, _ = app.start_run(*[choices[k] for k in app.FORM])
     assert msg.startswith("started `from-form`"), msg
     hand = ["train", "--model", str(models / "sdxl.safetensors"), "--data", str(datasets / "photos"),
@@ -327,6 +344,8 @@ def test_a_run_from_the_form_equals_the_same_run_from_the_cli(tmp_path, monkeypa
         hand += ["--set", f"network={network}", "--set", "dora=true"]
     if validation:
         hand += ["--set", "validation_every=3", "--set", f"validation_data={datasets / 'held-out'}"]
+    if form.has_option("auto_stop_on"):
+        hand += ["--auto-stop-on", "val-plateau"]
 
     class Merged(Exception):
         pass
@@ -357,6 +376,10 @@ def test_a_run_from_the_form_equals_the_same_run_from_the_cli(tmp_path, monkeypa
         assert overrides["validation_split"] == 0.25 and "validation_data" not in overrides
         msg, _ = app.start_run(*[{**choices, "validation_split": 0.25}[k] for k in app.FORM])
         assert msg.startswith("⚠") and "exclude each other" in msg
+        from emolora.trainer import config
+
+        assert form.AUTO_STOP_ON == config._CHOICES["auto_stop_on"]  # the form's copies of the trainer's choices
+        assert form.NETWORK_TYPES == config._CHOICES.get("network", form.NETWORK_TYPES)
 
 
 def test_form_defaults_follow_the_preset_and_the_optimizer(tmp_path):

@@ -131,7 +131,7 @@ class PanelApp:
 
     # ---- start a run -------------------------------------------------------------------------------------------
     FORM = ("model", "dataset", "optimizer", "preset", "steps", "lr", "args_text", "resolution", "rank", "name",
-            "network", "dora", "rslora", "validation_split", "validation_data", "validation_every")
+            "network", "dora", "rslora", "validation_split", "validation_data", "validation_every", "auto_stop_on")
 
     def start_run(self, *values) -> tuple:
         """The form's values (in FORM order) -> a background `python -m trainer train`; (message, follow)."""
@@ -149,8 +149,9 @@ class PanelApp:
                 gr.update(value=True))
 
     SHOWN = ("steps", "resolution", "rank", "network", "dora", "rslora", "validation_split", "validation_every",
-             "lr", "args_text", "note")
-    UNSET = {"network": "lora", "dora": False, "rslora": False, "validation_split": 0.0, "validation_every": 0}
+             "auto_stop_on", "lr", "args_text", "note")
+    UNSET = {"network": "lora", "dora": False, "rslora": False, "validation_split": 0.0, "validation_every": 0,
+             "auto_stop_on": "should_stop"}
 
     def form_defaults(self, preset, optimizer) -> list:
         """What the form shows (SHOWN order) for a preset and an optimizer: the values the run would get
@@ -394,6 +395,9 @@ class PanelApp:
                 f["validation_every"] = gr.Number(label="Validation loss every N steps",
                                                   value=values["validation_every"], precision=0, minimum=0,
                                                   elem_id="emolora-f-vevery")
+                f["auto_stop_on"] = gr.Dropdown(label="Auto-stop acts on", choices=list(form.AUTO_STOP_ON),
+                                                value=values["auto_stop_on"], visible=form.has_option("auto_stop_on"),
+                                                elem_id="emolora-f-auto-stop-on")
             f["start"] = gr.Button("Start training", variant="primary", elem_id="emolora-start")
             f["message"] = gr.Markdown(elem_id="emolora-start-message")
         return f

@@ -25,7 +25,8 @@ NONE = "(none)"
 NETWORK_TYPES = ("lora", "loha", "lokr")
 # Options the form shows only when this trainer has them (network type and validation come with newer trainers).
 NETWORK_OPTIONS = ("network", "dora", "rslora")
-VALIDATION_OPTIONS = ("validation_split", "validation_data", "validation_every")
+VALIDATION_OPTIONS = ("validation_split", "validation_data", "validation_every", "auto_stop_on")
+AUTO_STOP_ON = ("should_stop", "val-plateau")  # what auto-stop acts on: the optimizer's flag or the validation loss
 # Constructor arguments that are not the optimizer's maths: the trainer sets them (or they only print).
 ENGINE_ARGS = {"self", "params", "defaults", "lr", "writer", "foreach", "state_dtype", "fused", "dtype", "notify",
                "maximize", "capturable", "differentiable"}
@@ -141,7 +142,7 @@ def defaults(preset, optimizer: str) -> TrainConfig:
 
 def run_options(model_roots, data_roots, *, model, dataset, optimizer, preset, steps, lr=None, args_text="",
                 resolution=None, rank=None, network=None, dora=None, rslora=None, validation_split=None,
-                validation_data=None, validation_every=None) -> tuple:
+                validation_data=None, validation_every=None, auto_stop_on=None) -> tuple:
     """(presets, overrides) for the trainer; paths confined to the roots. Raises PathError or ConfigError."""
     if optimizer not in OPTIMIZER_NAMES:
         raise ConfigError(f"optimizer: unknown name {optimizer!r}")
@@ -154,10 +155,11 @@ def run_options(model_roots, data_roots, *, model, dataset, optimizer, preset, s
         raise PathError(f"dataset folder not found: {dataset}")
     overrides = {"model": str(model_path), "data": str(data_path), "optimizer": optimizer, "steps": int(steps)}
     chosen = {"lr": lr, "resolution": resolution, "rank": rank, "network": network, "dora": dora,
-              "rslora": rslora, "validation_split": validation_split, "validation_every": validation_every}
+              "rslora": rslora, "validation_split": validation_split, "validation_every": validation_every,
+              "auto_stop_on": auto_stop_on}
     for key, value in chosen.items():
         if not has_option(key):
-            if value not in (None, False, 0, "", "lora"):
+            if value not in (None, False, 0, "", "lora", "should_stop"):
                 raise ConfigError(f"{key}: this trainer has no such option (got {value!r})")
             continue
         if value is None:

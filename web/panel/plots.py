@@ -1,7 +1,7 @@
 """The panel's charts, built from RunData: only the series the run's optimizer has.
 
     loss      loss with its short/medium/long EMAs (the optimizer's own, or the same rates computed here),
-              eval loss markers, and the compared run's loss
+              eval loss markers, the validation loss, and the compared run's loss
     emo       emo_scalar over the emoDrive zones (|sigma| 0.25 / 0.5 / 0.75)
     lr        the base LR and the effective one (lr x emoDrive, or emoPulse for the EmoSens line)
     shadow    shadow blend ratio and blend events, when use_shadow is on
@@ -22,7 +22,7 @@ ZONES = [  # emoDrive (v3.6): accelerate in 0.25 < |s| < 0.5, brake above 0.75
     (-1.0, -0.75, "rgba(239,68,68,0.14)", "emoDrive brakes (|sigma| > 0.75)"),
 ]
 TRUST_SIGNALS = ("confidence_mean", "mask_ema", "flip_ema", "thr", "danger_mean", "mask_ratio", "flip_ratio")
-PLOTTED = {"loss", "ema_short", "ema_medium", "ema_long", "eval_loss", "emo_scalar", "emo_scalar_min",
+PLOTTED = {"loss", "ema_short", "ema_medium", "ema_long", "eval_loss", "val_loss", "emo_scalar", "emo_scalar_min",
            "emo_scalar_max", "lr", "effective_lr", "emo_pulse", "shadow_ratio", *TRUST_SIGNALS}
 CHART_KEYS = ("loss", "emo", "lr", "shadow", "trust", "more")
 
@@ -36,6 +36,11 @@ def _label(rd) -> str:
     return f"{rd.run_dir.name} ({opt})"
 
 
+def _points(rd, name: str) -> list:
+    xs, ys = rd.series(name)
+    return [(x, y) for x, y in zip(xs, ys) if y is not None]
+
+
 def loss_chart(rd, other=None) -> Chart:
     c = Chart("loss", key="loss", vlines=_rises(rd))
     xs, ys = rd.series("loss")
@@ -44,10 +49,15 @@ def loss_chart(rd, other=None) -> Chart:
     for name, color in (("ema_short", "#2563eb"), ("ema_medium", "#16a34a"), ("ema_long", "#9333ea")):
         sx, sy = rd.series(name)
         c.series.append(Series(name if own else f"{name}*", sx, sy, color, 1.8))
-    ex, ey = rd.series("eval_loss")
-    if any(v is not None for v in ey):
-        pts = [(x, y) for x, y in zip(ex, ey) if y is not None]
+    pts = _points(rd, "eval_loss")
+    if pts:
         c.markers.append(("eval", [p[0] for p in pts], [p[1] for p in pts], "#ea580c"))
+    runs = [(rd, "validation loss", "#dc2626")] + ([(other, f"{_label(other)} validation loss", "#7f1d1d")]
+                                                   if other is not None else [])
+    for run, name, color in runs:
+        pts = _points(run, "val_loss")
+        if pts:  # logged every N steps: one line through its points
+            c.series.append(Series(name, [p[0] for p in pts], [p[1] for p in pts], color, 1.8, dash="2 2"))
     if other is not None:
         ox, oy = other.series("loss")
         c.series.append(Series(f"{_label(other)} loss", ox, oy, "#f59e0b", 0.8, opacity=0.5))
