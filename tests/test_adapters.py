@@ -276,3 +276,18 @@ def randomize_one(adapter):
     with torch.no_grad():
         for p in adapter.factors():
             p.normal_(0, 0.1)
+
+
+def test_loha_hadamard_gradients_equal_plain_autograd():
+    from trainer.model.adapters.loha import HadamardProduct
+
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+               for s in ((6, 3), (3, 5), (6, 3), (3, 5))]
+    assert torch.autograd.gradcheck(HadamardProduct.apply, factors)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # inside autocast the product stays in the factors' dtype
+        low = [f.detach().to(torch.bfloat16).requires_grad_() for f in factors]
+        out = HadamardProduct.apply(*low)
+    assert out.dtype == torch.bfloat16
+    out.sum().backward()
+    assert all(f.grad.dtype == torch.bfloat16 for f in low)

@@ -12,6 +12,23 @@ from torch import nn
 from .base import Adapter
 
 
+class HadamardProduct(torch.autograd.Function):
+    """(w1_a @ w1_b) * (w2_a @ w2_b) keeping only the four thin factors for backward (the two weight-sized
+    products are recomputed there), as LyCORIS does: plain autograd would keep both products per module."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b):
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        return (w1a @ w1b) * (w2a @ w2b)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        g1 = grad * (w2a @ w2b)
+        g2 = grad * (w1a @ w1b)
+        return g1 @ w1b.T, w1a.T @ g1, g2 @ w2b.T, w2a.T @ g2
+
+
 class LoHaAdapter(Adapter):
     kind = "loha"
     factor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -32,7 +49,7 @@ class LoHaAdapter(Adapter):
         self._finish(base, alpha, dora)
 
     def delta_weight(self, dtype):
-        w1 = self.hada_w1_a.to(dtype) @ self.hada_w1_b.to(dtype)
-        # the scale goes on the smallest factor: one weight-sized product fewer
-        w2 = (self.hada_w2_a * (self.scale * self.multiplier)).to(dtype) @ self.hada_w2_b.to(dtype)
-        return (w1 * w2).reshape(self.weight_shape)
+        # the scale goes on the smallest factor: no weight-sized multiply for it
+        w2a = (self.hada_w2_a * (self.scale * self.multiplier)).to(dtype)
+        factors = (self.hada_w1_a.to(dtype), self.hada_w1_b.to(dtype), w2a, self.hada_w2_b.to(dtype))
+        return HadamardProduct.apply(*factors).reshape(self.weight_shape)
