@@ -17,6 +17,7 @@ from trainer.model import (
     clip_tokenizers,
     encode_latents,
     encode_prompts,
+    hashes,
     load_sdxl,
     loader,
     tiny_model_path,
@@ -124,6 +125,40 @@ def test_weights_match_diffusers_single_file_converters(tiny, tiny_path):
     theirs = convert_open_clip_checkpoint(tiny.te2, raw, prefix="conditioner.embedders.1.model.")
     assert set(theirs) == {k for k in ours if not k.endswith("position_ids")}
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_checkpoint_hash_is_cached_per_file_version(tmp_path, tiny_path, monkeypatch, caplog):
+    """A second start reads the hash from the cache (only the file's metadata); a touched, edited or replaced
+    file is hashed again."""
+    monkeypatch.setenv("EMOLORA_CACHE", str(tmp_path / "cache"))
+    path = copy_without_tokenizer(tiny_path, tmp_path)
+    calls = []
+    real = hashes.sha256_file
+    monkeypatch.setattr(hashes, "sha256_file", lambda p: calls.append(p) or real(p))
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    first = load_sdxl(path, tokenizer_dir=clip_tokenizers.sidecar_dir(tiny_path))
+    assert first.model_hash == digest and len(calls) == 1
+    second = load_sdxl(path, tokenizer_dir=clip_tokenizers.sidecar_dir(tiny_path))
+    assert second.model_hash == digest and len(calls) == 1  # no byte of the body was hashed
+    assert json.loads((tmp_path / "cache" / "model_hashes.json").read_text())[path]["sha256"] == digest
+
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched
+    assert hashes.cached_sha256(path) == digest and len(calls) == 2
+    assert hashes.cached_sha256(path) == digest and len(calls) == 2
+    # replaced by a same-size file with the old mtime (cp -p, a rename over it): the inode tells
+    edited = tmp_path / "edited.safetensors"
+    data = bytearray(open(path, "rb").read())
+    data[-1] ^= 1
+    edited.write_bytes(bytes(data))
+    st = os.stat(path)
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(edited, path)
+    assert hashes.cached_sha256(path) == hashlib.sha256(data).hexdigest() and len(calls) == 3
+    # an unreadable cache costs a rehash, not the run
+    (tmp_path / "cache" / "model_hashes.json").write_text("{half")
+    assert hashes.cached_sha256(path) == hashlib.sha256(data).hexdigest() and len(calls) == 4
+    assert "unreadable" in caplog.text
 
 
 def test_encode_prompts_and_latents(tiny):

@@ -63,6 +63,18 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-prompt", action="append", dest="sample_prompts", help="a sample prompt (repeatable)")
     p.add_argument("--auto-stop", dest="auto_stop", choices=["stop", "mark", "off"],
                    help="what the optimizer's should_stop does")
+    p.add_argument("--auto-stop-on", dest="auto_stop_on", choices=["should_stop", "val-plateau"],
+                   help="what --auto-stop acts on (val-plateau: no new validation minimum for val_patience checks)")
+    p.add_argument("--validation-split", type=float, dest="validation_split",
+                   help="hold this share of the images out of training for a validation loss (e.g. 0.1)")
+    p.add_argument("--validation-data", dest="validation_data", help="a folder of held-out validation images")
+    p.add_argument("--validation-every", type=int, dest="validation_every", help="steps between validation losses")
+    p.add_argument("--mask", choices=["off", "file", "alpha"],
+                   help="masked loss: <stem>_mask.png beside each image (file) or the image's alpha channel")
+    p.add_argument("--max-bad-steps", type=int, dest="max_consecutive_bad_steps",
+                   help="updates in a row that make the LoRA non-finite (rolled back) before stopping (default 3)")
+    p.add_argument("--compile", action="store_const", const=True, default=None,
+                   help="torch.compile the UNet's transformer blocks (slower start, faster steps on a GPU)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other option (value parsed as JSON)")
 
 
@@ -147,15 +159,17 @@ def cmd_train(args) -> int:
     flags = {k: getattr(args, k) for k in (
         "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
         "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
-        "sample_every", "sample_prompts", "auto_stop", "network", "dora", "rslora", "lokr_factor", "network_weights")}
-    for k in ("model", "data", "output", "tokenizer", "resume", "network_weights"):
+        "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
+        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "network_weights")}
+    for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
         if flags[k]:
             flags[k] = str(Path(flags[k]).expanduser().resolve())
     overrides = {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}
     base = load_run_config(args.resume) if args.resume else None
     cfg = build_config(presets=args.preset or (), config_file=args.config, overrides=overrides, base=base)
     result = _run(cfg, progress=not args.no_progress)
-    _print_summary(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary, from rank 0 (its run store)
+        _print_summary(result)
     return 0 if result.stop_reason in ("finished", "should_stop", "stopped") else 1
 
 
@@ -185,7 +199,9 @@ def _print_summary(result) -> None:
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("EMOLORA_CACHE") or Path.home() / ".cache" / "emolora")
+    from .cachedir import cache_root
+
+    return Path(cache_root())
 
 
 DEMO_DATA_VERSION = "demo-data-v1"

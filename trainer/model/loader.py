@@ -44,10 +44,10 @@ class SDXLModel:
 
     @property
     def model_hash(self) -> str:
-        """Whole-file SHA-256 of the base checkpoint (kohya ss_new_sd_model_hash); computed once, lazily,
-        because hashing a 7 GB checkpoint takes a while."""
+        """Whole-file SHA-256 of the base checkpoint (kohya ss_new_sd_model_hash); computed lazily and cached
+        on disk per file version (hashes.cached_sha256), because hashing a 7 GB checkpoint takes a while."""
         if "sha256" not in self._hashes:
-            self._hashes["sha256"] = hashes.sha256_file(self.hash_file)
+            self._hashes["sha256"] = hashes.cached_sha256(self.hash_file)
         return self._hashes["sha256"]
 
     @property

@@ -15,6 +15,7 @@ import zlib
 import torch
 
 from ..atomic import atomic_directory, atomic_write
+from ..cachedir import cache_root
 from . import clip_tokenizers, convert, detect
 from . import sdxl_keys as K
 
@@ -181,10 +182,6 @@ def build_vega_layout(path, *, seed: int = SEED) -> str:
     sd = _build_state(vega_configs(), seed, torch.float16)
     _save_atomic(sd, path, {"emolora_test_model": f"vega-layout seed={seed}"})
     return path
-
-
-def cache_root() -> str:
-    return os.environ.get("EMOLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "emolora")
 
 
 def tiny_model_path() -> str:
