@@ -220,6 +220,22 @@ def as_compute_runs(params, grads, state_dtype, groups):
     return _cast_runs(params, groups, targets), _cast_runs(grads, groups, targets)
 
 
+def scale_(tensors, factor):
+    """tensors *= factor, a 0-dim device tensor (no host read). Where a tensor's dtype differs from the factor's
+    (bf16 params), the product is taken in float32 per shape run and rounded once, as a python-float multiply
+    would: CUDA's foreach kernels read a tensor scalar in the list's dtype only, and bf16 would round it."""
+    same = [t for t in tensors if t.dtype == factor.dtype]
+    other = [t for t in tensors if t.dtype != factor.dtype]
+    if same:
+        torch._foreach_mul_(same, factor)
+    if other:
+        order, groups = shape_order(other)
+        other = [other[i] for i in order]
+        work = _cast_runs(other, groups, [factor.dtype] * len(groups))
+        torch._foreach_mul_(work, factor)
+        torch._foreach_copy_(other, work)
+
+
 def write_back_foreach(params, work):
     """write_back() as one torch._foreach_copy_ (it casts)."""
     pairs = [(p, w) for p, w in zip(params, work) if w is not p]

@@ -7,6 +7,7 @@ are accepted and unused, as upstream.
 
 import torch
 
+from ._tensors import LOW_PRECISION
 from ._v39 import EmoV39
 from ._wref import group0_l1
 
@@ -41,8 +42,11 @@ class EmoTion(EmoV39):
         rho = (gl1 - prev).abs_().div_(prev + 1e-8)
         # upstream does this in python floats (double): the same on the device in float64
         fresh = torch.tanh(rho.double() / 0.03).clamp_min_(self.beta3)
-        device = self._uses_foreach(self.param_groups[0]["params"])
-        self.g_freshness = fresh if device else fresh.item()  # per tensor (the CPU default) a host float
+        params = self.param_groups[0]["params"]
+        # A host float per tensor (the CPU default) and for a low-precision m (state_dtype='param'): CUDA's
+        # foreach kernels would round a tensor factor to bf16, upstream multiplies by a float32 one.
+        device = self._uses_foreach(params) and self._compute_dtype(params[0]) not in LOW_PRECISION
+        self.g_freshness = fresh if device else fresh.item()
         self.prev_gl1 = gl1 * rho
         return {"freshness": self.g_freshness, "rho": rho}
 

@@ -4,8 +4,7 @@ Unlike upstream, p.grad is not overwritten with its sign (gradient logging or ac
 would see signs). betas, eps and weight_decay are accepted and unused, as upstream.
 """
 
-import torch
-
+from ._tensors import scale_
 from ._v39 import EmoV39
 from ._wref import group0_l1
 
@@ -30,7 +29,7 @@ class EmoVoid(EmoV39):
         if self.prev_gl1 is not None and k <= WARMUP_LAST:
             prev = self.prev_gl1.to(gl1.device)
             rho = prev / (gl1 + 1e-8)  # stays on the device: the multiply takes it as a scalar tensor
-            torch._foreach_mul_(self.param_groups[0]["params"], rho)
+            scale_(self.param_groups[0]["params"], rho)
             gl1 = gl1 * rho
         self.prev_gl1 = gl1
         return {"rescale": rho, "warmup_count": float(self.warmup_count)}

@@ -18,7 +18,7 @@ median over all passes, and the ratios are paired: each timed block is bracketed
 baselines, so a row is compared with the baseline under the same load.
 
 Host syncs are counted on the CPU by wrapping torch.Tensor.item / tolist / __bool__ / __float__ / __int__ /
-__index__ while our step() runs (the loss passed as a python float; one more step with a 0-dim tensor loss
+__index__ / cpu / numpy while our step() runs (the loss passed as a python float; one more step with a 0-dim tensor loss
 gives the "+1"), on CUDA by torch.cuda.set_sync_debug_mode("warn").
 """
 

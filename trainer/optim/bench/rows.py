@@ -79,7 +79,10 @@ def _mid_run(opt):
     opt.counters["step"] = 500  # progress 0.5 of max_steps=1000: the ref injection runs every step
 
 
-FOREACH_COMPARE = ("EmoNavi", "EmoLynx", "EmoSens", "EmoCats", "EmoVoid")
+# every Emo optimizer: their foreach paths dispatch a constant number of ops (see --dispatch); this measures
+# whether per tensor is still the faster CPU default
+FOREACH_COMPARE = ("EmoNavi", "EmoFact", "EmoLynx", "EmoClan", "EmoZeal", "EmoNeco", "EmoSens", "EmoAiry", "EmoCats",
+                   "EmoTion", "EmoVoid")
 
 
 def make_rows(external=True, foreach_compare=True):
@@ -91,7 +94,7 @@ def make_rows(external=True, foreach_compare=True):
             kw["step_kw"] = {"max_steps": 1000}
             note = "step(max_steps=1000): progress < 0.2, no ref injection (see the mid-run row)"
         elif name == "EmoVoid":
-            note = "timed inside its 56-step norm lock (one rescale and .item() per step)"
+            note = "timed inside its 56-step norm lock (one rescale per step, its factor kept on the device)"
         rows.append(_our_row(name, note=note, **kw))
     rows.append(_our_row("EmoNavi", "EmoNavi(fused=True)", section="fused", fused=True))
     rows.append(_our_row("EmoSens", "EmoSens(fused=True)", section="fused", fused=True))
