@@ -435,10 +435,9 @@ def test_credentials_from_flags_file_and_environment(tmp_path):
 def test_the_panel_imports_the_packs_trainer():
     assert data.runstore.__name__ == f"{PACK}.trainer.runstore"
     assert launcher.PACKAGE_ROOT == ROOT
-    code = ("import sys; from trainer.cli import load_pack; load_pack(); import emolora.web.panel.app;"
-            "assert 'emolora.trainer.runstore' in sys.modules; assert 'trainer.runstore' not in sys.modules")
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    from emolora.web.panel import app
+
+    assert app.runstore is data.runstore and form.build_config.__module__ == f"{PACK}.trainer.config"
 
 
 def test_imports_the_trainer_relatively_inside_a_package(tmp_path):
