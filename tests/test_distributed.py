@@ -125,6 +125,8 @@ def test_ranks_out_of_lockstep_fail_loudly_at_the_save(tmp_path):
     out = r.stdout + r.stderr
     assert "out of lockstep at step 3" in out and "rank(s) [1]" in out, out[-3000:]
     assert not Path(cfg.output).exists()  # nothing was saved from diverged ranks
+    # The features were encoded once, by rank 0; rank 1 found them in the shared disk cache.
+    assert "ENCODED rank=0 latents=6 text=6" in out and "ENCODED rank=1 latents=0 text=0" in out, out[-3000:]
 
 
 def _wait_for(predicate, timeout: float, what: str):
