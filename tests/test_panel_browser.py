@@ -293,3 +293,7 @@ def test_overlay_by_clicking(panel, page):
     _wait(lambda: "overlay-me (EmoLynx)" in chart.inner_html(), 15, "the overlaid run's loss on the chart")
     _choose(page, "emolora-compare", "(none)")
     _wait(lambda: "overlay-me" not in chart.inner_html(), 15, "the overlay to go")
+    # a link to one run (as the ComfyUI sidebar opens the panel) shows that run, not the newest
+    page.goto(panel[1] + "?run=overlay-me")
+    _wait(lambda: _panel_step(page, "overlay-me") == 5, 30, "the linked run")
+    assert not page.locator("#emolora-follow input[type=checkbox]").is_checked()

@@ -255,6 +255,19 @@ def test_controls_write_the_control_file_of_the_selected_run(tmp_path):
     assert _out(app, out3, "stop_btn")["interactive"] is False and _out(app, out3, "save_btn")["interactive"] is False
 
 
+def test_a_link_with_a_run_name_opens_that_run(tmp_path):
+    from types import SimpleNamespace
+
+    from emolora.web.panel.app import PanelApp
+
+    fake_run(tmp_path / "runs", "live", status="running")
+    fake_run(tmp_path / "runs", "old", status="finished", steps=7)
+    app = PanelApp(tmp_path)
+    for query, follow, shown in (({"run": "old"}, False, "old"), ({"run": "../x"}, True, "live"), ({}, True, "live")):
+        out = app.open_page(None, "", True, [], {}, SimpleNamespace(query_params=query))
+        assert out[0] == follow and out[1]["value"] == shown, query
+
+
 def test_stop_reason_and_message_are_shown(tmp_path):
     from emolora.web.panel.app import PanelApp
 

@@ -290,6 +290,16 @@ class PanelApp:
         """The user picked a run: stop following the newest one and show the pick."""
         return [False, *self.tick(run, compare, False, more, st)]
 
+    def open_page(self, run, compare, follow, more, st, request: gr.Request):
+        """A page load: `?run=NAME` (the ComfyUI sidebar's link to the run its graph trains) shows that run,
+        pinned; a name that is not a run yet (or not at all) is ignored and the panel follows the newest one."""
+        name = request.query_params.get("run") if request is not None else None
+        try:
+            self.root.run_dir(name)
+        except PathError:
+            return [follow, *self.tick(run, compare, follow, more, st)]
+        return self.pick(name, compare, False, more, st)
+
     ORDER = ("run", "compare", "status", *plots.CHART_KEYS, "auto", "more_sel", "gallery", "files", "stop_btn",
              "save_btn")
 
@@ -335,7 +345,7 @@ class PanelApp:
                        stop_btn, save_btn, st]
             inputs = [run, compare, follow, more_sel, st]
             timer.tick(self.tick, inputs, outputs, show_progress="hidden", queue=True, concurrency_limit=4)
-            demo.load(self.tick, inputs, outputs, show_progress="hidden")
+            demo.load(self.open_page, inputs, [follow, *outputs], show_progress="hidden")
             for comp in (compare, more_sel):
                 comp.input(self.tick, inputs, outputs, show_progress="hidden")
             run.input(self.pick, inputs, [follow, *outputs], show_progress="hidden")
