@@ -4,6 +4,10 @@ Upstream reads three statistics per parameter back to the host every step; here 
 thr live on the device as 0-dim tensors, the threshold feedback uses torch.where, and nothing syncs. The
 loss never enters this optimizer; `confidence` only decays the consensus (as upstream), but its mean is
 published as telemetry.
+
+Per tensor on the CPU (faster there: each tensor stays in cache); in foreach mode the same rule runs on one
+stack per distinct shape (9 in an SDXL LoRA), so a step dispatches ~80 ops per shape whatever the tensor count
+(780 for kohya's 1,444 SDXL UNet LoRA tensors, upstream's loop 93,934).
 """
 
 import torch
