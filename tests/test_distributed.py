@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from _trainer_helpers import lora_tensors, tiny_config
 
+from trainer.distributed import launch_command
+
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # per launch; a healthy one takes well under a minute even on a busy 2-core machine
 
@@ -91,8 +93,8 @@ def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_batch(tmp_p
     ref = _single_process(one)
     two = one.replace(batch_size=1, output=str(tmp_path / "two" / "lora.safetensors"), cache_dir=None)
     config = _config_file(two, tmp_path / "two.json")
-    if nodes == 1:
-        results = [_run(_torchrun(2, *_train_args(config)))]
+    if nodes == 1:  # the command a host (panel, node) gets for gpus=2: torchrun --standalone
+        results = [_run(launch_command(_train_args(config)[2:], 2))]
     else:
         endpoint = f"127.0.0.1:{_free_port()}"
         procs = [subprocess.Popen(_torchrun(1, *_train_args(config), nnodes=2, node_rank=r, endpoint=endpoint),
@@ -115,6 +117,12 @@ def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_batch(tmp_p
     assert len(list((out_dir / "runs").iterdir())) == 1
     n_latents = len(list((out_dir / "cache" / "latents").rglob("*.safetensors")))
     assert n_latents == len(list((tmp_path / "one" / "out" / "cache" / "latents").rglob("*.safetensors"))) > 0
+
+
+def test_launch_command_is_the_plain_cli_for_one_process():
+    assert launch_command(["train", "--steps", "3"]) == [sys.executable, "-m", "trainer", "train", "--steps", "3"]
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        launch_command(["train"], 0)
 
 
 def test_ranks_out_of_lockstep_fail_loudly_at_the_save(tmp_path):

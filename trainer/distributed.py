@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -164,7 +165,7 @@ class Dist:
             flats = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
             carry_loss = not loss_done and bucket[0].dtype == torch.float32
             flat = torch.cat(flats + ([loss.to(bucket[0].device)] if carry_loss else []))
-            self._collective("gradient all_reduce", lambda: torch.distributed.all_reduce(flat))
+            self._collective("gradient all_reduce", lambda flat=flat: torch.distributed.all_reduce(flat))
             offset = 0
             for p in bucket:
                 n = p.numel()
@@ -186,7 +187,7 @@ class Dist:
             return
         with torch.no_grad():
             for p in params:
-                self._collective("parameter broadcast", lambda: torch.distributed.broadcast(p.data, 0))
+                self._collective("parameter broadcast", lambda p=p: torch.distributed.broadcast(p.data, 0))
 
     # ---- lockstep check --------------------------------------------------------------------------------------
     def check_lockstep(self, params, optimizer, step: int) -> None:
@@ -272,6 +273,18 @@ def setup(cfg):
     log.info("distributed: %d ranks (%s), global batch %d = %d per rank x %d ranks x %d accumulation",
              world, backend, cfg.batch_size * world * cfg.grad_accum, cfg.batch_size, world, cfg.grad_accum)
     return cfg.replace(**changes), dist
+
+
+def launch_command(cli_args: list, processes: int = 1) -> list:
+    """The command line that runs `python -m trainer <cli_args>` as `processes` local ranks: torchrun with its
+    single-machine rendezvous (--standalone: it picks a free port) for more than one, the plain CLI for one.
+    For a host (panel, ComfyUI node) that starts a run as a child process and follows its run store."""
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
+    if processes == 1:
+        return [sys.executable, "-m", "trainer", *cli_args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "trainer", *cli_args]
 
 
 def shard(batch, dist: Dist, per_rank: int):
