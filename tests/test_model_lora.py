@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from _lora_helpers import unet_out
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -40,15 +41,6 @@ def tiny_path():
 @pytest.fixture
 def model(tiny_path):
     return load_sdxl(tiny_path)  # fresh per test: networks mutate the UNet
-
-
-def unet_out(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    dt = model.unet.dtype
-    x = torch.randn(2, 4, 8, 8, generator=g).to(dt)
-    embeds, pooled = encode_prompts(model, ["a photo of the cat", "the dog"])
-    cond = {"text_embeds": pooled, "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2).to(dt)}
-    return model.unet(x, torch.tensor([100, 700]), embeds, added_cond_kwargs=cond).sample
 
 
 def randomize_up(network, std=0.3, seed=1):
