@@ -250,3 +250,22 @@ def test_panel_stop_ends_every_rank_at_the_same_step_and_a_different_world_resum
               "--threads", "1", "--no-progress"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "saved by 2 process(es), this run has 1" in r.stderr
+
+
+def test_lockstep_checksum_covers_the_emotion_state_not_only_tensors():
+    import torch
+
+    from trainer.distributed import state_checksum
+    from trainer.optim import create_optimizer
+
+    p = [torch.nn.Parameter(torch.randn(4, 4))]
+    opt = create_optimizer("EmoNavi", p, lr=1e-3)
+    for loss in (1.0, 0.9):
+        p[0].grad = torch.randn(4, 4)
+        opt.step(loss=loss)
+    before = state_checksum(p, opt)
+    assert state_checksum(p, opt) == before
+    sd = opt.state_dict()
+    sd["emo"]["hist"][-1] += 1e-9  # a loss history that differs in the last bits, moments untouched
+    opt.load_state_dict(sd)
+    assert state_checksum(p, opt) != before

@@ -209,22 +209,31 @@ class Dist:
 
 
 def state_checksum(params, optimizer) -> str:
-    """A hex digest of the bits of every LoRA tensor and optimizer state entry (tensors and numbers).
-    Tensors are reduced on their device to two int64 sums over their bit patterns (one weighted by position), so
-    only a few numbers per tensor cross to the host."""
-    sums, other = [], hashlib.blake2b(digest_size=16)
-    tensors = [p.detach() for p in params]
-    for key, entry in sorted(optimizer.state_dict()["state"].items(), key=lambda kv: str(kv[0])):
-        for name, v in sorted(entry.items(), key=lambda kv: str(kv[0])) if isinstance(entry, dict) else ():
-            if torch.is_tensor(v):
-                tensors.append(v.detach())
-            else:
-                other.update(f"{key}.{name}={v!r};".encode())
-    for t in tensors:
-        sums.append(_bit_sums(t))
-    if sums:
-        other.update(torch.stack(sums).cpu().numpy().tobytes())
+    """A hex digest of the bits of every LoRA tensor and of the whole optimizer state (per-parameter moments, the
+    emotion's EMAs and history, the groups' hyper-parameters). Tensors are reduced on their device to two int64
+    sums over their bit patterns (one weighted by position), so only a few numbers per tensor reach the host."""
+    tensors, other = [p.detach() for p in params], hashlib.blake2b(digest_size=16)
+    sd = optimizer.state_dict()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd.get("param_groups", ())]
+    _walk({**sd, "param_groups": groups}, "", tensors, other)
+    if tensors:
+        other.update(torch.stack([_bit_sums(t) for t in tensors]).cpu().numpy().tobytes())
     return other.hexdigest()
+
+
+def _walk(obj, path: str, tensors: list, other) -> None:
+    """Tensors into `tensors`, everything else (numbers, strings...) into the hash, in a fixed order."""
+    if torch.is_tensor(obj):
+        other.update(f"{path}:tensor{tuple(obj.shape)};".encode())
+        tensors.append(obj.detach())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            _walk(obj[k], f"{path}.{k}", tensors, other)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _walk(v, f"{path}[{i}]", tensors, other)
+    else:
+        other.update(f"{path}={obj!r};".encode())
 
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
