@@ -3,6 +3,7 @@
 Each launch is a real `python -m torch.distributed.run ... -m trainer train` on the tiny SDXL at 64 px.
 """
 
+import importlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from _trainer_helpers import lora_tensors, tiny_config
 
-from trainer.distributed import launch_command
+from trainer.launch import launch_command
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 240  # per launch; a healthy one takes well under a minute even on a busy 2-core machine
@@ -269,3 +270,19 @@ def test_lockstep_checksum_covers_the_emotion_state_not_only_tensors():
     sd["emo"]["hist"][-1] += 1e-9  # a loss history that differs in the last bits, moments untouched
     opt.load_state_dict(sd)
     assert state_checksum(p, opt) != before
+
+
+def test_panel_start_with_two_gpus_runs_the_same_cli_under_torchrun(tmp_path):
+    pytest.importorskip("gradio")
+    from trainer.cli import load_pack
+
+    pack = load_pack().__name__  # the panel imports the trainer relatively, as part of the pack
+    launcher = importlib.import_module(f"{pack}.web.panel.launcher")
+    PanelRoot = importlib.import_module(f"{pack}.web.panel.paths").PanelRoot
+
+    root = PanelRoot(tmp_path / "out")
+    overrides = {"model": str(tmp_path / "m.safetensors"), "data": str(tmp_path), "steps": 5, "resolution": 64}
+    one = launcher.build_command(root, [], dict(overrides), "run")
+    two = launcher.build_command(root, [], dict(overrides), "run", gpus=2)
+    assert two[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert two[5:] == one[1:]  # `-m trainer train ...`, unchanged

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -282,18 +281,6 @@ def setup(cfg):
     log.info("distributed: %d ranks (%s), global batch %d = %d per rank x %d ranks x %d accumulation",
              world, backend, cfg.batch_size * world * cfg.grad_accum, cfg.batch_size, world, cfg.grad_accum)
     return cfg.replace(**changes), dist
-
-
-def launch_command(cli_args: list, processes: int = 1) -> list:
-    """The command line that runs `python -m trainer <cli_args>` as `processes` local ranks: torchrun with its
-    single-machine rendezvous (--standalone: it picks a free port) for more than one, the plain CLI for one.
-    For a host (panel, ComfyUI node) that starts a run as a child process and follows its run store."""
-    if processes < 1:
-        raise ValueError(f"processes must be >= 1, got {processes}")
-    if processes == 1:
-        return [sys.executable, "-m", "trainer", *cli_args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "-m", "trainer", *cli_args]
 
 
 def shard(batch, dist: Dist, per_rank: int):

@@ -9,12 +9,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from ...trainer.config import build_config
+from ...trainer.launch import launch_command
 from .paths import SAFE_NAME, PathError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # the folder holding trainer/: `-m trainer` runs there
@@ -39,20 +39,19 @@ def unique_name(root, base: str) -> str:
     return name
 
 
-def build_command(root, presets: list, overrides: dict, name: str) -> list:
+def build_command(root, presets: list, overrides: dict, name: str, gpus: int = 1) -> list:
     """The trainer's command line for a run named `name` whose LoRA is <root>/<name>.safetensors, its run folder
     under the panel's runs folder. The merged config is validated here first (a bad value is reported in the
-    form, not in a log)."""
+    form, not in a log). gpus > 1: the same CLI under torchrun, one process per GPU."""
     overrides = {**overrides, "output": str(root.root / f"{name}.safetensors"), "run_name": name,
                  "runs_dir": str(root.runs_dir)}
     build_config(presets=presets, overrides=overrides)  # raises ConfigError naming the bad option
-    cmd = [sys.executable, "-m", "trainer", "train", "--no-progress", "--output", overrides.pop("output"),
-           "--run-name", overrides.pop("run_name")]
+    args = ["train", "--no-progress", "--output", overrides.pop("output"), "--run-name", overrides.pop("run_name")]
     for p in presets:
-        cmd += ["--preset", p]
+        args += ["--preset", p]
     for k, v in overrides.items():
-        cmd += [FLAGS[k], str(v)] if k in FLAGS else ["--set", f"{k}={json.dumps(v)}"]
-    return cmd
+        args += [FLAGS[k], str(v)] if k in FLAGS else ["--set", f"{k}={json.dumps(v)}"]
+    return launch_command(args, gpus)
 
 
 def start(root, cmd: list, name: str) -> subprocess.Popen:
