@@ -11,6 +11,7 @@ from pathlib import Path
 
 import comfy_harness as H
 import pytest
+from conftest import require, require_module
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +30,8 @@ def artifacts_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def browser_page(comfy):
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"chromium not found at {CHROMIUM} (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (a dev requirement)")
+    require(os.path.exists(CHROMIUM), f"chromium not found at {CHROMIUM} (apt-get install -y chromium)")
+    sync_api = require_module("playwright.sync_api", "pip install playwright (a dev requirement)")
     profile = tempfile.mkdtemp(prefix="emolora-chromium-")
     with sync_api.sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,

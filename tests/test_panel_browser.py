@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require, require_module
 
-pytest.importorskip("gradio")
-if os.environ.get("CI") == "true":  # under CI a missing prerequisite fails: a skipped browser test proves nothing
-    import playwright.sync_api as playwright_api
-else:
-    playwright_api = pytest.importorskip("playwright.sync_api")
+require_module("gradio", "the panel needs gradio (requirements.txt)")
+playwright_api = require_module("playwright.sync_api", "pip install playwright (requirements-dev.txt)")
 
 from _trainer_helpers import make_dataset  # noqa: E402
 
@@ -41,10 +39,7 @@ RUN_OPTIONS = {"optimizer": "EmoSens", "optimizer_args": {"stopcoef": 1000.0}, "
                "bucket_step": 32, "rank": 4, "batch_size": 2, "device": "cpu", "gradient_checkpointing": False,
                "cache_latents": "memory", "cache_text": "memory", "save_dtype": "fp16"}
 
-if not os.path.exists(CHROMIUM):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"no chromium at {CHROMIUM} (apt-get install chromium)", pytrace=False)
-    pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+require(os.path.exists(CHROMIUM), f"no chromium at {CHROMIUM} (apt-get install chromium)")
 load_pack()  # the panel is part of the pack (it imports the trainer relatively)
 
 
