@@ -80,6 +80,17 @@ def test_bounded_injection_agrees_in_both_execution_modes():
     assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-8) for x, y in zip(a, b))
 
 
+def test_a_non_finite_loss_skips_the_step_and_is_counted():
+    params = lora_pair()
+    opt = Ref(params, lr=1e-4)
+    run(opt, params, steps=3)
+    before = [p.detach().clone() for p in params]
+    lora_loss(params, 4).backward()
+    opt.step(loss=float("nan"), max_steps=10)
+    assert opt.skipped_nonfinite == 1 and opt.counters["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
+
+
 def test_the_factory_turns_the_bound_on_and_an_explicit_false_wins():
     assert create_optimizer("RefAdamWminiScheduleFree", lora_pair(), lr=1e-4).bounded_injection is True
     assert create_optimizer("RefAdamWminiScheduleFree", lora_pair(), bounded_injection=False).bounded_injection is False

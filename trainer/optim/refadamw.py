@@ -5,6 +5,7 @@ Not Adam-mini and not schedule-free, whatever the name says. Deliberate differen
 - the gradient norms, their EMAs and the per-parameter LRs stay on the device (0-dim float64 `grad_norm_ema`
   per parameter); the foreach path reads nothing back (upstream syncs once per parameter), the per-tensor path
   reads the LRs once per group;
+- a non-finite loss skips the step (counted in skipped_nonfinite), as everywhere in the family;
 - parameters that never had a gradient are skipped by the injection (upstream raises KeyError), as are elements
   whose second moment is still 0 (upstream steps them by ~p/eps), and the validation-history scan cannot run off
   its start (IndexError);
@@ -129,7 +130,11 @@ class RefAdamWminiScheduleFree(EmoOptimizer):
                 result = closure()
             if loss is None:
                 loss = result
-        self._step_ref(None if loss is None else float(loss), max_steps, val_loss)
+        if loss is not None:
+            loss = self._loss_value(loss)  # a non-finite loss skips the step and is counted, as in the family
+            if loss is None:
+                return result
+        self._step_ref(loss, max_steps, val_loss)
         if self.writer is not None:
             self._write()
         return result
