@@ -16,8 +16,9 @@ Not Adam-mini and not schedule-free, whatever the name says. Deliberate differen
   auto_lr * b1 * ref_alpha * p / sqrt(v): on a LoRA, whose gradients (1e-7..1e-5) are tiny next to its weights
   (0.1), that is hundreds of times the weight, so every injected step multiplies |p| by hundreds and the run
   reaches inf within four steps. With the cap the injection still pulls the weights toward 0, at most as fast
-  as the largest gradient step; it changes nothing while |m| is within the bound (no injection, or a well-scaled
-  problem).
+  as the largest gradient step; it changes nothing where |m| stays within the bound (always, without an
+  injection). Upstream overshoots on the golden toy problem too (a conv weight goes 0.6 -> 12 and back), so the
+  cap would change those trajectories: hence off in the bare class.
 """
 
 import logging
