@@ -18,14 +18,21 @@ def step_path(output, step: int) -> Path:
 
 
 def save_lora(cfg, run: RunSetup, loop: LoopState, store, path=None, *, stop_reason=None,
-              summary: dict | None = None) -> str:
+              summary: dict | None = None) -> str | None:
     """Write the LoRA (kohya keys, ss_* metadata, the run's summary as emolora_*) atomically; default: the
-    configured output."""
+    configured output. None when the weights are not finite in the save dtype: nothing is written (any
+    earlier file stays) and a "save_refused" event records it."""
     from . import model as M
+    from .model.errors import NonFiniteLoRAError
 
     path = Path(path or cfg.output).expanduser()
     meta = kohya_metadata(cfg, run, loop, stop_reason, summary or {})
-    M.save_lora(path, run.network, meta, dtype=DTYPES[cfg.save_dtype])
+    try:
+        M.save_lora(path, run.network, meta, dtype=DTYPES[cfg.save_dtype])
+    except NonFiniteLoRAError as e:
+        log.error("%s", e)
+        store.event(loop.step, "save_refused", {"error": str(e), "path": str(path)})
+        return None
     store.event(loop.step, "save", {"path": str(path)})
     log.info("saved %s (step %d)", path, loop.step)
     return str(path)

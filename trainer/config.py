@@ -87,6 +87,7 @@ class TrainConfig:
     device: str = "auto"
     gradient_checkpointing: bool = True
     attention: str = "sdpa"
+    compile: bool = False  # torch.compile each UNet transformer block (regional compilation)
     # ---- diffusion
     prediction_type: str = "auto"  # auto: what the checkpoint declares
     noise_offset: float = 0.0  # 0.0357 is a common SDXL value
@@ -121,6 +122,8 @@ class TrainConfig:
     # default: the v3.x Emo optimizers latch it after 32 calm steps, which a slowly moving LoRA loss often is.
     auto_stop: str = "mark"
     max_consecutive_skips: int = 50  # non-finite steps in a row before the run is abandoned
+    # Updates in a row that made the LoRA non-finite (each rolled back) before the run stops as "diverged".
+    max_consecutive_bad_steps: int = 3
     # ---- evaluation, samples, telemetry
     eval_every: int = 0  # steps between losses of a fixed batch at fixed timesteps; 0: off
     eval_size: int = 4
@@ -161,7 +164,8 @@ class TrainConfig:
             if choices and getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         positive = ("rank", "steps", "batch_size", "grad_accum", "resolution", "bucket_step", "vae_batch_size",
-                    "sample_steps", "eval_size", "max_consecutive_skips")
+                    "sample_steps", "eval_size", "max_consecutive_skips",
+                    "max_consecutive_bad_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

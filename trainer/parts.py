@@ -72,6 +72,8 @@ class LoopState:
     batch_in_epoch: int = 0
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
     consecutive_skips: int = 0
+    rolled_back: int = 0  # updates undone because they made the LoRA non-finite (trainer/rollback.py)
+    consecutive_bad: int = 0  # such updates in a row: the run stops as "diverged" at cfg.max_consecutive_bad_steps
     should_stop_prev: bool = False  # the optimizer's should_stop at the last step (events fire on changes)
 
     def to_dict(self) -> dict:

@@ -29,9 +29,10 @@ import torch
 
 from . import build, checkpoint, distributed, telemetry
 from .config import TrainConfig
-from .diffusion import per_sample_loss
+from .diffusion import draw_noise, per_sample_loss
 from .parts import Hooks, LoadedModel, LoopState, RunSetup, Runtime
-from .placement import evaluating
+from .placement import evaluating, to_device
+from .rollback import UpdateGuard
 from .runstore import RunStore
 from .state import STATE_FILE, restore_trainer_state, rng_state, save_trainer_state, set_rng_state
 
@@ -45,10 +46,12 @@ class TrainResult:
     lora_path: str | None  # the final LoRA (None if the run failed before saving one)
     run_dir: str
     steps_done: int
-    stop_reason: str | None  # finished, stopped, should_stop, nonfinite, interrupted; None while paused
+    stop_reason: str | None  # finished, stopped, should_stop, nonfinite, diverged, interrupted; None while paused
     skipped_steps: int  # steps skipped for a non-finite loss or gradient
     saved: list = field(default_factory=list)  # every LoRA file written
     summary: dict = field(default_factory=dict)  # loss start/end/min, eval loss, signal ranges, speed, memory
+    message: str | None = None  # why the run stopped, in words, when that needs words (diverged: what to try)
+    rolled_back: int = 0  # updates undone because they made the LoRA non-finite
 
 
 def train(config: TrainConfig, *, stop_event: threading.Event | None = None, on_step=None, on_setup=None,
@@ -102,6 +105,10 @@ class Trainer:
         self.control = None
         self.run_dir: Path | None = None
         self.stop_reason: str | None = None
+        self.stop_message: str | None = None
+        self._guard: UpdateGuard | None = None  # finiteness probe and rollback (trainer/rollback.py)
+        self._late = telemetry.LateSignals()  # the previous step's device-side optimizer signals
+        self._completed = None  # (step, record) completed by this step's read, logged again by _after_step
         self.saved: list[str] = []
         self.lora_path: str | None = None
         self._closed = False
@@ -266,19 +273,31 @@ class Trainer:
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
         if cfg.max_grad_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(run.params, cfg.max_grad_norm, grad_norm)
-        # The one host sync of the step: the optimizer's loss, the gradients' finiteness (and the fp16 scale).
-        synced = [loss_sum / cfg.grad_accum, grad_norm.float().to(loss_sum.device)]
+        # The one host read of the step: the optimizer's loss, the gradients' finiteness, the LoRA's norm as
+        # the previous update left it (trainer/rollback.py), the fp16 scale, and the previous step's device-side
+        # optimizer signals (its record is completed here, one step late).
+        guard = self._update_guard()
+        synced = [loss_sum / cfg.grad_accum, grad_norm.float().to(loss_sum.device), guard.probe().to(loss_sum.device)]
         if scaler is not None:
             synced.append(scaler._scale.float().reshape(()))  # get_scale() would sync on its own
-        loss_value, norm_value, *scale = torch.stack(synced).tolist()
-        finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+        late = self._late.tensor()
+        read = torch.cat([torch.stack(synced)] + ([late.to(loss_sum.device)] if late is not None else [])).tolist()
+        loss_value, norm_value, lora_norm = read[:3]
+        scale = read[3:4] if scaler is not None else []
+        params_ok = guard.check(lora_norm, loop)  # False: the previous update was rolled back
+        self._completed = self._late.complete(read[3 + len(scale):], **({} if params_ok else {"rolled_back": True}))
+        finite = params_ok and math.isfinite(loss_value) and math.isfinite(norm_value)
         self._apply_lr_schedule()
         if finite:
+            guard.before_update()  # the copy a bad update is rolled back to
             # Not scaler.step(): it would re-check found_inf with a second sync; finiteness is known already.
             self._optimizer_step(loss_value)
             if run.pulse is not None:
                 run.pulse.step(loss_value)
+            guard.after_update()
             loop.consecutive_skips = 0
+        elif not params_ok:
+            loop.skipped += 1  # this step's gradients were taken at the weights just rolled back: dropped
         else:
             loop.skipped += 1
             loop.consecutive_skips += 1
@@ -290,10 +309,18 @@ class Trainer:
             scaler.update()  # halves the scale after an overflow
         opt.zero_grad(set_to_none=True)
         self._step_times.append(time.perf_counter() - t0)
+        pending = telemetry.take_device_signals(opt) if finite else None  # read with the next step's transfer
         record = telemetry.step_record(cfg, run, loop, self._step_times, loss=loss_value, grad_norm=norm_value,
                                        scale=scale, finite=finite)
+        record.update(lora_norm=lora_norm, rolled_back_total=loop.rolled_back)
         record["should_stop"] = self._should_stop_flag()
+        self._late.hold(loop.step, record, pending)
         return record
+
+    def _update_guard(self) -> UpdateGuard:
+        if self._guard is None:
+            self._guard = UpdateGuard(self.cfg, self.built, self.store)
+        return self._guard
 
     def _rewind_partial_step(self) -> None:
         if self._step_start is None:
@@ -309,24 +336,17 @@ class Trainer:
         b, rows = len(batch.indices), batch.global_rows or len(batch.indices)
         if b == 0:  # a rank whose shard of a short global batch is empty: zero loss, zero gradients
             return sum(p.sum() for p in self.built.params) * 0.0
-        latents = batch.latents.to(dev, torch.float32)
-        c = latents.shape[1]
+        latents = to_device(batch.latents, dev, torch.float32)
         # Each sample's noise and timestep from a generator of (seed, step, micro, its row in the global batch):
         # identical after a resume, on any device, and for any number of ranks sharing the batch.
-        noise, t = [], []
-        for j in range(batch.offset, batch.offset + b):
-            g = torch.Generator().manual_seed(_mix(cfg.seed, self.loop.step, micro, j))
-            n = torch.randn(latents.shape[1:], generator=g)
-            if cfg.noise_offset:
-                n = n + cfg.noise_offset * torch.randn((c, 1, 1), generator=g)
-            noise.append(n)
-            t.append(torch.randint(cfg.timestep_min, cfg.timestep_max, (1,), generator=g))
-        noise, t = torch.stack(noise).to(dev), torch.cat(t).to(dev)
+        seeds = [_mix(cfg.seed, self.loop.step, micro, j) for j in range(batch.offset, batch.offset + b)]
+        noise, t = draw_noise(latents.shape, seeds, dev, noise_offset=cfg.noise_offset, t_min=cfg.timestep_min,
+                              t_max=cfg.timestep_max)  # on the device: no host tensor to copy
         if batch.prompt_embeds is None:
             embeds, pooled = self._encode_prompts(batch.captions, grad=cfg.train_text_encoder)
         else:
-            embeds, pooled = batch.prompt_embeds.to(dev), batch.pooled.to(dev)
-        loss = self._loss(latents, noise, t, embeds, pooled, batch.time_ids.to(dev), snr_weighting=True)
+            embeds, pooled = to_device(batch.prompt_embeds, dev), to_device(batch.pooled, dev)
+        loss = self._loss(latents, noise, t, embeds, pooled, to_device(batch.time_ids, dev), snr_weighting=True)
         # A shard's share of the global batch mean: the ranks' shares sum (all-reduce) to that mean.
         return loss if rows == b else loss * (b / rows)
 
@@ -393,6 +413,9 @@ class Trainer:
     def _after_step(self, record: dict) -> None:
         cfg, loop = self.cfg, self.loop
         step = loop.step
+        if self._completed is not None:  # the previous step's record, now with its device-side signals
+            self._log_record(*self._completed)
+            self._completed = None
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             record["eval_loss"] = self.evaluate()
         self.store.log_step(step, record)
@@ -407,6 +430,11 @@ class Trainer:
             loop.should_stop_prev = flag
         if flag and mode == "stop" and step < cfg.steps:
             self.stop_reason = "should_stop"
+        message = self._update_guard().diverged_message(loop)
+        if message is not None and self.stop_reason is None:
+            log.error(message)
+            self.store.event(step, "diverged", {"message": message, "optimizer": cfg.optimizer})
+            self.stop_reason, self.stop_message = "diverged", message
         if loop.consecutive_skips >= cfg.max_consecutive_skips:
             log.error("%d non-finite steps in a row: stopping", loop.consecutive_skips)
             self.stop_reason = "nonfinite"
@@ -473,9 +501,17 @@ class Trainer:
         return sample_during_training(self.cfg, self.built, self.store, self.loop.step)
 
     # ---- saving and finishing (the pieces are in checkpoint.py and state.py) -------------------------------------
+    def _log_record(self, step: int, record: dict, added: list) -> None:
+        self.store.log_step(step, record)  # replaces the row: the record is completed, not duplicated
+        if self._tb is not None:
+            telemetry.log_tensorboard(self._tb, step, {k: record[k] for k in added})
+
     def save_lora(self, path=None) -> str:
         """Write the LoRA (kohya keys, ss_* metadata) atomically; default: the configured output. Several ranks:
-        all compare their LoRA and optimizer checksums first (a mismatch raises), rank 0 alone writes."""
+        all compare their LoRA and optimizer checksums first (a mismatch raises), rank 0 alone writes.
+        Never a non-finite LoRA: an unchecked last update is checked first (and rolled back if bad); should the
+        file still hold NaN/inf (e.g. fp16 overflow), it is refused, recorded, and the last written file stays."""
+        self._update_guard().verify_now(self.loop)
         self.dist.check_lockstep(self.built.params, self.built.optimizer, self.loop.step)
         if not self.dist.is_main:
             path = str(Path(path or self.cfg.output).expanduser())
@@ -483,12 +519,15 @@ class Trainer:
             return path
         path = checkpoint.save_lora(self.cfg, self.built, self.loop, self.store, path, stop_reason=self.stop_reason,
                                     summary=self._summary())
+        if path is None:  # refused (not finite): the last file written stays the run's LoRA
+            return self.saved[-1] if self.saved else None
         self.saved.append(path)
         return path
 
     def save_state(self) -> Path:
         """The resumable state, atomically, to <run>/state/state.pt (several ranks: rank 0 writes it, with every
-        rank's RNGs)."""
+        rank's RNGs). Like save_lora, it never stores an unchecked update."""
+        self._update_guard().verify_now(self.loop)
         if not self.dist.enabled:
             return save_trainer_state(self.built, self.loop, self.store)
         rank_rngs = self.dist.gather_objects(rng_state())
@@ -500,13 +539,17 @@ class Trainer:
         """Save the final LoRA and state, record the outcome."""
         self._closed = True
         loop = self.loop
+        late = self._late.flush()  # the last step's device-side signals: one read, after the loop
+        if late is not None:
+            self._log_record(*late)
         self.lora_path = self.save_lora(self.cfg.output)
         self.save_state()
         status = "finished" if self.stop_reason == "finished" else "stopped"
-        self.store.event(loop.step, "stop", {"reason": self.stop_reason, "error": error})
+        self.store.event(loop.step, "stop", {"reason": self.stop_reason, "error": error,
+                                             "message": self.stop_message})
         self.store.set_meta(status=status, stop_reason=self.stop_reason, lora_path=self.lora_path,
                             finished_at=time.time(), steps_done=loop.step, skipped_steps=loop.skipped,
-                            summary=self._summary())
+                            rolled_back=loop.rolled_back, message=self.stop_message, summary=self._summary())
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -527,7 +570,8 @@ class Trainer:
 
     def result(self) -> TrainResult:
         return TrainResult(self.lora_path, str(self.run_dir), self.loop.step, self.stop_reason, self.loop.skipped,
-                           list(self.saved), self._summary() if self.stop_reason else {})
+                           list(self.saved), self._summary() if self.stop_reason else {}, self.stop_message,
+                           self.loop.rolled_back)
 
     def close(self) -> None:
         """End the session: a run left between steps (run(until_step=...)) gets its resumable state saved.

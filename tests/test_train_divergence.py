@@ -1,0 +1,116 @@
+"""The trainer never keeps or writes a non-finite LoRA: a bad update is rolled back, K in a row stop the run as
+"diverged" with a message, and every save path refuses NaN/inf (trainer/rollback.py)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from _trainer_helpers import lora_tensors, tiny_config
+
+from trainer.runstore import RunReader
+from trainer.train import Trainer, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class PoisonedAdamW(torch.optim.AdamW):
+    """AdamW whose update writes inf into the first LoRA tensor at the given optimizer calls (1-based)."""
+
+    def __init__(self, params, poison, **kw):
+        super().__init__(params, **kw)
+        self.poison, self.calls = poison, 0
+
+    def step(self, closure=None):
+        out = super().step(closure)
+        self.calls += 1
+        if self.poison(self.calls):
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = math.inf
+        return out
+
+
+def poisoned_trainer(poison):
+    class T(Trainer):
+        def build_optimizer(self, params):
+            return PoisonedAdamW(params, poison, lr=self.cfg.lr)
+
+    return T
+
+
+def run(cls, cfg):
+    t = cls(cfg)
+    try:
+        t.setup()
+        return t, t.run()
+    finally:
+        t.close()
+
+
+def all_finite(path) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in lora_tensors(path).values())
+
+
+def test_one_bad_update_is_rolled_back_and_the_run_finishes(tmp_path):
+    # The 3rd update is bad; a LoRA save falls on step 3, before any step read could see it: the save checks.
+    cfg = tiny_config(tmp_path, optimizer="AdamW", lr=1e-3, steps=6, save_every=3)
+    t, res = run(poisoned_trainer(lambda n: n == 3), cfg)
+    assert res.stop_reason == "finished" and res.steps_done == 6
+    assert res.rolled_back == 1 and res.message is None
+    assert all(all_finite(p) for p in res.saved) and len(res.saved) == 2
+    reader = RunReader(res.run_dir)
+    rollbacks = reader.events(kind="rollback")
+    assert [e["data"]["step"] for e in rollbacks] == [3]
+    assert reader.meta()["rolled_back"] == 1
+    norms = [r.get("lora_norm") for r in reader.steps()]
+    assert len(norms) == 6 and all(isinstance(n, float) and math.isfinite(n) for n in norms)
+
+
+def test_an_update_that_stays_bad_stops_the_run_as_diverged_with_the_last_finite_weights(tmp_path):
+    # From the 2nd update on every update is bad: each is caught by the next step's read and rolled back.
+    cfg = tiny_config(tmp_path / "bad", optimizer="AdamW", lr=1e-3, steps=20, max_consecutive_bad_steps=3)
+    t, res = run(poisoned_trainer(lambda n: n >= 2), cfg)
+    assert res.stop_reason == "diverged" and res.steps_done < 20
+    assert res.rolled_back == 3
+    assert "AdamW" in res.message and "lower learning rate" in res.message and "step" in res.message
+    meta = RunReader(res.run_dir).meta()
+    assert meta["stop_reason"] == "diverged" and meta["message"] == res.message
+    assert [e["data"]["message"] for e in RunReader(res.run_dir).events(kind="diverged")] == [res.message]
+    assert all_finite(res.lora_path)
+    # "The last finite weights" are exactly those after the one good update: a 1-step run of the same setup.
+    ref = train(tiny_config(tmp_path / "ref", optimizer="AdamW", lr=1e-3, steps=1))
+    a, b = lora_tensors(res.lora_path), lora_tensors(ref.lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_save_lora_refuses_non_finite_weights_and_keeps_the_last_file(tmp_path):
+    cfg = tiny_config(tmp_path, optimizer="AdamW", lr=1e-3, steps=1)
+    t = Trainer(cfg)
+    try:
+        t.setup()
+        res = t.run()
+        before = Path(res.lora_path).read_bytes()
+        with torch.no_grad():
+            t.params[0].view(-1)[0] = math.nan  # behind the guard's back: only the writer's check remains
+        kept = t.save_lora(cfg.output)
+        assert kept == res.lora_path and Path(res.lora_path).read_bytes() == before
+        refused = RunReader(res.run_dir).events(kind="save_refused")
+        assert len(refused) == 1 and "not finite" in refused[0]["data"]["error"]
+        new = tmp_path / "other.safetensors"
+        assert t.save_lora(new) == res.lora_path and not new.exists()
+    finally:
+        t.close()
+
+
+def test_the_writer_itself_refuses_nan(tmp_path):
+    from trainer.model import save_lora
+    from trainer.model.errors import NonFiniteLoRAError
+
+    class Net:
+        def kohya_state_dict(self, dtype):
+            return {"lora_unet_x.lora_down.weight": torch.tensor([[1.0, float("inf")]], dtype=dtype),
+                    "lora_unet_x.alpha": torch.tensor(1.0)}
+
+    with pytest.raises(NonFiniteLoRAError, match="1 of 2 tensors are not finite"):
+        save_lora(tmp_path / "x.safetensors", Net(), {})
+    assert not (tmp_path / "x.safetensors").exists()
