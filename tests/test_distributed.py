@@ -286,3 +286,26 @@ def test_panel_start_with_two_gpus_runs_the_same_cli_under_torchrun(tmp_path):
     two = launcher.build_command(root, [], dict(overrides), "run", gpus=2)
     assert two[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert two[5:] == one[1:]  # `-m trainer train ...`, unchanged
+
+
+def test_panel_start_form_gpus_field_starts_the_run_under_torchrun(tmp_path, monkeypatch):
+    pytest.importorskip("gradio")
+    from trainer.cli import load_pack
+
+    pack = load_pack().__name__
+    app_mod = importlib.import_module(f"{pack}.web.panel.app")
+    launcher = importlib.import_module(f"{pack}.web.panel.launcher")
+    (tmp_path / "data" / "photos").mkdir(parents=True)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sdxl.safetensors").write_bytes(b"x")
+    app = app_mod.PanelApp(tmp_path / "out", model_roots=[tmp_path / "models"], data_roots=[tmp_path / "data"])
+    started = []
+    monkeypatch.setattr(launcher, "start", lambda root, cmd, name: started.append(cmd))
+    values = {"model": "sdxl.safetensors", "dataset": "photos", "optimizer": "EmoNavi", "preset": "(none)",
+              "steps": 3, "lr": None, "args_text": "", "resolution": 64, "rank": 4, "name": "multi",
+              "network": "lora", "dora": False, "rslora": False, "validation_split": 0.0, "validation_data": None,
+              "validation_every": 0, "auto_stop_on": "should_stop", "gpus": 2}
+    msg, _ = app.start_run(*[values.get(k) for k in app.FORM + app.LAUNCH])
+    assert msg.startswith("started `multi`"), msg
+    assert started[0][2:5] == ["torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert started[0][5:8] == ["-m", "trainer", "train"]

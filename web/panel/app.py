@@ -132,16 +132,18 @@ class PanelApp:
     # ---- start a run -------------------------------------------------------------------------------------------
     FORM = ("model", "dataset", "optimizer", "preset", "steps", "lr", "args_text", "resolution", "rank", "name",
             "network", "dora", "rslora", "validation_split", "validation_data", "validation_every", "auto_stop_on")
+    LAUNCH = ("gpus",)  # how the run is launched (after FORM's values; absent: 1)
 
     def start_run(self, *values) -> tuple:
         """The form's values (in FORM order) -> a background `python -m trainer train`; (message, follow)."""
-        v = dict(zip(self.FORM, values))
+        v = dict(zip(self.FORM + self.LAUNCH, values))
+        gpus = int(v.pop("gpus", None) or 1)  # > 1: the same CLI under torchrun (trainer/launch.py)
         optimizer = v["optimizer"] or "EmoNavi"
         base = launcher.safe_run_name(v.pop("name"), f"{optimizer.lower()}-{time.strftime('%Y%m%d-%H%M%S')}")
         name = launcher.unique_name(self.root, base)
         try:
             presets, overrides = form.run_options(self.model_roots, self.data_roots, **v)
-            cmd = launcher.build_command(self.root, presets, overrides, name)
+            cmd = launcher.build_command(self.root, presets, overrides, name, gpus=gpus)
         except (PathError, ConfigError, ValueError, TypeError) as e:
             return f"⚠ {e}", gr.skip()
         launcher.start(self.root, cmd, name)
@@ -352,7 +354,7 @@ class PanelApp:
             auto.input(self.set_auto_stop, [run, auto], action, show_progress="hidden")
             stop_btn.click(self.request_stop, run, action, show_progress="hidden")
             save_btn.click(self.request_save, run, action, show_progress="hidden")
-            f["start"].click(self.start_run, [f[k] for k in self.FORM], [f["message"], follow])
+            f["start"].click(self.start_run, [f[k] for k in self.FORM + self.LAUNCH], [f["message"], follow])
             for chooser in (f["preset"], f["optimizer"]):
                 chooser.input(self.form_defaults, [f["preset"], f["optimizer"]], [f[k] for k in self.SHOWN])
             demo.load(self.form_choices, None, [f["model"], f["dataset"], f["validation_data"]])
@@ -408,6 +410,8 @@ class PanelApp:
                 f["auto_stop_on"] = gr.Dropdown(label="Auto-stop acts on", choices=list(form.AUTO_STOP_ON),
                                                 value=values["auto_stop_on"], visible=form.has_option("auto_stop_on"),
                                                 elem_id="emolora-f-auto-stop-on")
+            f["gpus"] = gr.Number(label="GPUs (processes under torchrun; global batch = batch x GPUs)", value=1,
+                                  precision=0, minimum=1, elem_id="emolora-f-gpus")
             f["start"] = gr.Button("Start training", variant="primary", elem_id="emolora-start")
             f["message"] = gr.Markdown(elem_id="emolora-start-message")
         return f
