@@ -70,29 +70,35 @@ def take_device_signals(optimizer):
 
 class LateSignals:
     """Device-side optimizer signals of step n, read with step n+1's single host transfer: the record of step n
-    is completed (and logged again) one step late. flush() reads what is still open (at the end of a run)."""
+    is completed (and logged again) one step late. That read can also mark step n's update as rolled back.
+    flush() reads what is still open (at the end of a run)."""
 
     def __init__(self):
-        self.open = None  # (step, record, names, device tensor)
+        self.open = None  # (step, record, names, device tensor or None)
 
     def hold(self, step: int, record: dict, pending) -> None:
-        self.open = (step, record, *pending) if pending is not None else None
+        names, values = pending if pending is not None else ([], None)
+        self.open = (step, record, list(names), values)
 
     def tensor(self):
         return self.open[3] if self.open is not None else None
 
     def complete(self, values: list, **extra):
-        """-> (step, the completed record, the names added) for the values read, or None if nothing was open."""
+        """-> (step, the completed record, the keys added) when the read added anything to the open record,
+        else None."""
         if self.open is None:
             return None
         step, record, names, _ = self.open
         self.open = None
+        if not names and not extra:
+            return None
         record.update(zip(names, values), **extra)
-        return step, record, list(names) + list(extra)
+        return step, record, names + list(extra)
 
-    def flush(self):
+    def flush(self, **extra):
+        """complete() with the open signals read now (one transfer, outside the step)."""
         t = self.tensor()
-        return self.complete(t.tolist()) if t is not None else None
+        return self.complete(t.tolist() if t is not None else [], **extra)
 
 
 def progress_bar(**kw):

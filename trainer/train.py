@@ -501,6 +501,14 @@ class Trainer:
         return sample_during_training(self.cfg, self.built, self.store, self.loop.step)
 
     # ---- saving and finishing (the pieces are in checkpoint.py and state.py) -------------------------------------
+    def _verify_last_update(self) -> None:
+        """Before a save: an update no step read has checked yet is checked now (and rolled back if bad; its
+        record, already logged, is completed and marked)."""
+        if not self._update_guard().verify_now(self.loop):
+            late = self._late.flush(rolled_back=True)
+            if late is not None:
+                self._log_record(*late)
+
     def _log_record(self, step: int, record: dict, added: list) -> None:
         self.store.log_step(step, record)  # replaces the row: the record is completed, not duplicated
         if self._tb is not None:
@@ -511,7 +519,7 @@ class Trainer:
         all compare their LoRA and optimizer checksums first (a mismatch raises), rank 0 alone writes.
         Never a non-finite LoRA: an unchecked last update is checked first (and rolled back if bad); should the
         file still hold NaN/inf (e.g. fp16 overflow), it is refused, recorded, and the last written file stays."""
-        self._update_guard().verify_now(self.loop)
+        self._verify_last_update()
         self.dist.check_lockstep(self.built.params, self.built.optimizer, self.loop.step)
         if not self.dist.is_main:
             path = str(Path(path or self.cfg.output).expanduser())
@@ -527,7 +535,7 @@ class Trainer:
     def save_state(self) -> Path:
         """The resumable state, atomically, to <run>/state/state.pt (several ranks: rank 0 writes it, with every
         rank's RNGs). Like save_lora, it never stores an unchecked update."""
-        self._update_guard().verify_now(self.loop)
+        self._verify_last_update()
         if not self.dist.enabled:
             return save_trainer_state(self.built, self.loop, self.store)
         rank_rngs = self.dist.gather_objects(rng_state())
