@@ -19,6 +19,7 @@ NODE_MODULES = (
 )
 
 UNAVAILABLE: dict[str, str] = {}
+_DEFAULTS: dict | None = None  # the /emolora/defaults answer (presets are read once per server)
 
 
 def load_nodes() -> list:
@@ -39,7 +40,8 @@ def load_nodes() -> list:
 
 
 def register_routes() -> None:
-    """GET /emolora/status and POST /emolora/panel (start the panel once, answer its URL). Registered before
+    """GET /emolora/status, GET /emolora/defaults, POST /emolora/panel (start the panel once, answer its URL)
+    and /emolora/panel/ui/* (the panel through ComfyUI's origin, for the sidebar tab). Registered before
     ComfyUI adds its routes to the app (comfy_entrypoint runs while custom nodes load)."""
     try:
         from aiohttp import web
@@ -55,6 +57,39 @@ def register_routes() -> None:
 
         return web.json_response({"unavailable": UNAVAILABLE, "panel_url": current_url(),
                                   "panel_unavailable": unavailable_reason()})
+
+    @routes.get("/emolora/defaults")
+    async def _defaults(request):
+        """What the frontend fills widgets with: each optimizer's real defaults per preset, and the values each
+        training preset sets (both as trainer.config merges them)."""
+        import asyncio
+
+        from ._common import training_presets
+        from .optimizer_spec import defaults_table
+
+        def build():
+            return {"optimizers": defaults_table(), "training_presets": training_presets()}
+
+        global _DEFAULTS
+        if _DEFAULTS is None:
+            try:
+                _DEFAULTS = await asyncio.get_running_loop().run_in_executor(None, build)
+            except Exception as e:  # noqa: BLE001 - a broken preset file: say which, do not crash the server
+                return web.json_response({"error": str(e)}, status=500)
+        return web.json_response(_DEFAULTS)
+
+    @routes.route("*", "/emolora/panel/ui/{tail:.*}")
+    async def _panel_ui(request):
+        from .panel import current_url
+        from .panel_proxy import forward
+
+        url = current_url()
+        if not url:
+            return web.json_response({"error": "the EmoLoRA panel is not started (POST /emolora/panel)"}, status=409)
+        try:
+            return await forward(request, url)
+        except OSError as e:  # the panel went away
+            return web.json_response({"error": f"the EmoLoRA panel at {url} does not answer: {e}"}, status=502)
 
     @routes.post("/emolora/panel")
     async def _panel(request):

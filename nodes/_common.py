@@ -56,6 +56,19 @@ def preset_files(kind: str | None = None) -> list[dict]:
     return [p for p in list_presets() if kind is None or p["kind"] == kind]
 
 
+def training_presets() -> dict:
+    """name -> {description, settings} of the training presets (character, style, ...), their `extends` chains
+    resolved by trainer.config.load_preset, the function the CLI's merge uses."""
+    from ..trainer.config import load_preset
+
+    return {p["name"]: {"description": p["description"], "settings": load_preset(p["name"])}
+            for p in preset_files("training")}
+
+
+def describe_settings(settings: dict) -> str:
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+
+
 def preset_optimizer(name: str) -> str | None:
     from ..trainer.config import PRESETS_DIR
 
@@ -118,6 +131,13 @@ def folder_paths():
 def checkpoint_names() -> list[str]:
     try:
         return folder_paths().get_filename_list("checkpoints")
+    except Exception:  # outside ComfyUI (unit tests)
+        return []
+
+
+def lora_names() -> list[str]:
+    try:
+        return folder_paths().get_filename_list("loras")
     except Exception:  # outside ComfyUI (unit tests)
         return []
 

@@ -23,7 +23,8 @@ class EmoLoRADataset(io.ComfyNode):
             inputs=[
                 io.String.Input("folder", default="", tooltip="Absolute path, or relative to ComfyUI's input "
                                                                "folder. Ignored when images are connected."),
-                io.Int.Input("resolution", default=1024, min=256, max=4096, step=64),
+                io.Int.Input("resolution", default=1024, min=64, max=4096, step=64,
+                             tooltip="Training side length (bucket area = resolution^2); SDXL is trained at 1024."),
                 io.Boolean.Input("enable_buckets", default=True, tooltip="Aspect-ratio buckets."),
                 io.Int.Input("bucket_step", default=64, min=32, max=256, step=32),
                 io.Int.Input("default_repeats", default=1, min=1, max=1000,

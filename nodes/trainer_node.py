@@ -7,10 +7,37 @@ import os
 
 from comfy_api.latest import io, ui
 
-from ._common import CATEGORY, PREFIX, EmoLoRAError, checkpoint_names
+from ._common import (
+    CATEGORY,
+    PREFIX,
+    EmoLoRAError,
+    checkpoint_names,
+    describe_settings,
+    lora_names,
+    training_presets,
+)
 from .dataset import DatasetType
 from .optimizer import OptimizerType
-from .training import PRECISIONS, comfy_device, free_comfy_models, run_training
+from .previews import PREVIEW_MAX, to_image_batch
+from .training import (
+    NETWORKS,
+    PRECISIONS,
+    comfy_device,
+    free_comfy_models,
+    network_options,
+    preset_status,
+    run_training,
+)
+
+NO_PRESET = "none"
+NO_LORA = "none"
+
+
+def _preset_tooltip() -> str:
+    lines = ["A training preset (presets/), merged as the CLI's --preset: the values below unless this node or the "
+             "Dataset node sets them (picking one fills those widgets with the preset's values)."]
+    lines += [f"{name}: {describe_settings(p['settings'])}" for name, p in training_presets().items()]
+    return "\n".join(lines)
 
 
 class EmoLoRATrainer(io.ComfyNode):
@@ -20,19 +47,30 @@ class EmoLoRATrainer(io.ComfyNode):
             node_id=PREFIX + "Trainer",
             display_name="EmoLoRA Trainer (SDXL)",
             category=CATEGORY,
-            description="Train an SDXL LoRA with an Emo optimizer. Frees ComfyUI's loaded models first. Cancel "
-                        "stops gracefully and the LoRA so far is saved. The LoRA goes to the loras folder "
-                        "(kohya keys), so LoraLoader lists it.",
+            description="Train an SDXL LoRA (or LoHa/LoKr) with an Emo optimizer. Frees ComfyUI's loaded models "
+                        "first. Cancel stops gracefully and the LoRA so far is saved. The LoRA goes to the loras "
+                        "folder (kohya/LyCORIS keys), so LoraLoader lists it. Sample previews appear on the node "
+                        "while it trains.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=checkpoint_names(),
                                tooltip="An SDXL-family checkpoint from models/checkpoints."),
                 DatasetType.Input("dataset"),
                 OptimizerType.Input("optimizer"),
+                io.Combo.Input("preset", options=[NO_PRESET, *training_presets()], default=NO_PRESET,
+                               tooltip=_preset_tooltip()),
+                io.Combo.Input("network", options=list(NETWORKS), default="lora",
+                               tooltip="lora (LoCon with conv_rank > 0), loha (LyCORIS Hadamard) or lokr "
+                                       "(LyCORIS Kronecker)."),
+                io.Boolean.Input("dora", default=False, tooltip="Weight-decomposed LoRA (DoRA); network lora only."),
+                io.Boolean.Input("rslora", default=False, tooltip="Rank-stabilised scale alpha/sqrt(rank)."),
                 io.Int.Input("rank", default=16, min=1, max=256),
                 io.Float.Input("alpha", default=0.0, min=0.0, max=256.0, step=0.5, tooltip="0 = equal to rank."),
-                io.Int.Input("conv_rank", default=0, min=0, max=256, tooltip="> 0 adds LoCon 3x3 conv LoRA."),
+                io.Int.Input("conv_rank", default=0, min=0, max=256, tooltip="> 0 adds 3x3 conv layers (LoCon)."),
                 io.Float.Input("conv_alpha", default=1.0, min=0.0, max=256.0, step=0.5),
                 io.Boolean.Input("train_text_encoder", default=False),
+                io.Combo.Input("network_weights", options=[NO_LORA, *lora_names()], default=NO_LORA,
+                               tooltip="Continue an existing LoRA/LoHa/LoKr from the loras folder (ours, kohya's "
+                                       "or LyCORIS's); none = start fresh."),
                 io.Int.Input("steps", default=1000, min=1, max=1000000),
                 io.Int.Input("batch_size", default=1, min=1, max=64),
                 io.Int.Input("grad_accum", default=1, min=1, max=1024),
@@ -43,21 +81,31 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("auto_stop", default=False,
                                  tooltip="Stop (and save) when the optimizer signals should_stop."),
                 io.Int.Input("save_every", default=0, min=0, max=1000000, tooltip="0 = only the final LoRA."),
+                io.String.Input("sample_prompts", default="", multiline=True,
+                                tooltip="Preview prompts, one per line; each set appears on the node as it is "
+                                        "made and the last set is the samples output."),
+                io.Int.Input("sample_every", default=0, min=0, max=1000000,
+                             tooltip="Steps between previews; 0 = none."),
+                io.Int.Input("sample_size", default=0, min=0, max=4096, step=32,
+                             tooltip="Preview width and height; 0 = the training resolution."),
+                io.Int.Input("sample_steps", default=20, min=1, max=200),
                 io.String.Input("output_name", default="emolora"),
             ],
             outputs=[
                 io.String.Output("lora_name", display_name="lora_name"),
                 io.Image.Output("telemetry", display_name="telemetry"),
                 io.String.Output("run_dir", display_name="run_dir"),
+                io.Image.Output("samples", display_name="samples"),
             ],
             hidden=[io.Hidden.unique_id],
             is_output_node=True,  # training is the point (the LoRA file): a graph with only the trainer runs
         )
 
     @classmethod
-    def execute(cls, ckpt_name, dataset, optimizer, rank, alpha, conv_rank, conv_alpha, train_text_encoder, steps,
-                batch_size, grad_accum, precision, gradient_checkpointing, seed, auto_stop, save_every,
-                output_name) -> io.NodeOutput:
+    def execute(cls, ckpt_name, dataset, optimizer, preset, network, dora, rslora, rank, alpha, conv_rank,
+                conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
+                gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
+                sample_steps, output_name) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -67,24 +115,40 @@ class EmoLoRATrainer(io.ComfyNode):
         node_id = cls.hidden.unique_id
         try:
             checkpoint = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
+            weights = None if network_weights in (None, "", NO_LORA) else \
+                folder_paths.get_full_path_or_raise("loras", network_weights)
         except FileNotFoundError as e:
-            raise EmoLoRAError(f"EmoLoRA Trainer: checkpoint not found: {ckpt_name} ({e})") from None
+            raise EmoLoRAError(f"EmoLoRA Trainer: not found: {e}") from None
         lora_dir = folder_paths.get_folder_paths("loras")[0]
         work = os.path.join(folder_paths.get_output_directory(), "emolora")
-        free_comfy_models()
-        bar = comfy.utils.ProgressBar(int(steps), node_id=node_id)
+        prompts = [line.strip() for line in (sample_prompts or "").splitlines() if line.strip()]
         options = {"rank": int(rank), "alpha": float(alpha) if alpha > 0 else None, "conv_rank": int(conv_rank),
                    "conv_alpha": float(conv_alpha), "train_text_encoder": bool(train_text_encoder),
                    "steps": int(steps), "batch_size": int(batch_size), "grad_accum": int(grad_accum),
                    "mixed_precision": PRECISIONS[precision], "gradient_checkpointing": bool(gradient_checkpointing),
-                   "seed": int(seed), "auto_stop": "stop" if auto_stop else "mark", "save_every": int(save_every)}
+                   "seed": int(seed), "auto_stop": "stop" if auto_stop else "mark", "save_every": int(save_every),
+                   "sample_prompts": prompts, "sample_every": int(sample_every) if prompts else 0,
+                   "sample_size": int(sample_size) or None, "sample_steps": int(sample_steps),
+                   **network_options(network, dora, rslora, weights)}
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
+        free_comfy_models()
+        bar = comfy.utils.ProgressBar(int(steps), node_id=node_id)
+
+        def progress(step, total, preview=None):  # each update is ComfyUI's interrupt check too
+            shown = None if preview is None else ("PNG", preview, min(PREVIEW_MAX, max(preview.size)))  # no upscale
+            bar.update_absolute(step, total, shown)
+
         out = run_training(checkpoint=checkpoint, dataset=dataset, optimizer=optimizer, lora_dir=lora_dir,
                            runs_dir=os.path.join(work, "runs"), cache_dir=os.path.join(work, "cache"),
-                           output_name=output_name, node_id=node_id, device=comfy_device(),
-                           progress=lambda s, t: bar.update_absolute(s, t),
+                           output_name=output_name, node_id=node_id, device=comfy_device(), progress=progress,
+                           preset=None if preset == NO_PRESET else preset,
                            check_cancel=comfy.model_management.throw_exception_if_processing_interrupted, **options)
-        image = telemetry_image(out["run_dir"])
-        text = (f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})\nrun: {out['run_dir']}")
-        return io.NodeOutput(out["lora_name"], image, out["run_dir"], ui=ui.PreviewText(text))
+        cfg = out["config"]
+        samples = to_image_batch(out["samples"], fallback_size=cfg.sample_size or 64)
+        lines = [f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})", f"run: {out['run_dir']}",
+                 preset_status(None if preset == NO_PRESET else preset, cfg)]
+        shown = {**ui.PreviewText("\n".join(x for x in lines if x)).as_dict()}
+        if out["samples"]:
+            shown.update(ui.PreviewImage(samples, cls=cls).as_dict())
+        return io.NodeOutput(out["lora_name"], telemetry_image(out["run_dir"]), out["run_dir"], samples, ui=shown)

@@ -14,6 +14,7 @@ import math
 import os
 import re
 
+from . import previews
 from ._common import (
     TELEMETRY_EVENT,
     DatasetSpec,
@@ -62,6 +63,43 @@ def event_payload(rec: dict, node_id, optimizer: str) -> dict:
     return out
 
 
+NETWORKS = ("lora", "loha", "lokr")
+
+
+def network_options(network: str, dora: bool, rslora: bool, network_weights: str | None) -> dict:
+    """The trainer config keys of the network type and the LoRA to continue from. A key the trainer core does
+    not have yet is left out while it is at its default, and is a clear error when it is asked for."""
+    from ..trainer.config import TrainConfig
+
+    fields = TrainConfig.__dataclass_fields__
+    wanted = {"network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": network_weights}
+    defaults = {"network": "lora", "dora": False, "rslora": False, "network_weights": None}
+    out = {}
+    for key, value in wanted.items():
+        if key in fields:
+            out[key] = value
+        elif value != defaults[key]:
+            raise EmoLoRAError(f"EmoLoRA Trainer: {key}={value!r} needs a trainer core with the '{key}' option "
+                               "(this one has none); update EmoLoRA")
+    return out
+
+
+def preset_status(preset: str | None, config) -> str:
+    """What the training preset set, and which of its values this node's widgets changed (they win, as
+    command-line flags win over --preset)."""
+    if not preset:
+        return ""
+    from ..trainer.config import load_preset
+
+    settings = load_preset(preset)
+    kept = {k: v for k, v in settings.items() if getattr(config, k, v) == v}
+    changed = {k: getattr(config, k) for k in settings if k not in kept}
+    text = f"preset {preset}: " + ", ".join(f"{k}={v}" for k, v in kept.items())
+    if changed:
+        text += "; set here instead: " + ", ".join(f"{k}={v} (preset {settings[k]})" for k, v in changed.items())
+    return text
+
+
 def free_comfy_models() -> None:
     try:
         import comfy.model_management as mm
@@ -91,10 +129,12 @@ def expected_errors() -> tuple:
 
 def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerSpec, lora_dir: str, runs_dir: str,
                  cache_dir: str, output_name: str, node_id=None, progress=None, check_cancel=None,
-                 device: str = "auto", **options) -> dict:
-    """Build the TrainConfig and train. progress(step, total) may raise to stop (the LoRA is saved first);
-    check_cancel() may raise during the set-up (model load, caching), before there is a LoRA to save.
-    Returns {lora_path, lora_name, run_dir, steps_done, stop_reason}."""
+                 device: str = "auto", preset: str | None = None, **options) -> dict:
+    """Build the TrainConfig (the training `preset`, then the optimizer's presets, then the node's values: the
+    CLI's merge order) and train. progress(step, total, preview=None) may raise to stop (the LoRA is saved
+    first); at a sample step `preview` is the set's strip image. check_cancel() may raise during the set-up
+    (model load, caching), before there is a LoRA to save.
+    Returns {lora_path, lora_name, run_dir, steps_done, stop_reason, samples, config}."""
     import torch
 
     from ..trainer.config import build_config
@@ -109,21 +149,32 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     overrides = {**optimizer.overrides(), **dataset.overrides(), **options, "model": checkpoint, "output": output,
                  "runs_dir": runs_dir, "cache_dir": cache_dir, "device": device}
     try:
-        config = build_config(presets=list(optimizer.presets), overrides=overrides)
+        config = build_config(presets=[*([preset] if preset else []), *optimizer.presets], overrides=overrides)
     except errors as e:
         raise fail("Trainer", e) from None
     throttle = Throttle(EVENT_INTERVAL_S)
+    node = str(node_id) if node_id is not None else None
 
     stop_types: list = []  # the exception class the progress callback raised (ComfyUI's Cancel)
+    samples: list = []  # the last set of sample images (PIL)
 
     def on_step(rec: dict) -> None:
-        last = rec["step"] >= rec["steps_total"]
-        if throttle.ready(force=last or rec["step"] == 1):
+        step, last = rec["step"], rec["step"] >= rec["steps_total"]
+        preview = None
+        if config.sample_every and step % config.sample_every == 0:  # the trainer sampled just before this call
+            images = previews.load_images(previews.sample_paths(rec["run_dir"], step))
+            if images:
+                samples[:] = images
+                preview = previews.strip(images)
+                send_event(TELEMETRY_EVENT, {"node": node, "status": "sample", "step": step,
+                                             "steps_total": rec["steps_total"], "run_dir": rec["run_dir"],
+                                             "samples": len(images)})
+        if throttle.ready(force=last or step == 1):
             send_event(TELEMETRY_EVENT, {**event_payload(rec, node_id, config.optimizer), "run_dir": rec["run_dir"],
                                          "status": "running"})
         if progress is not None:
-            try:
-                progress(rec["step"], rec["steps_total"])  # raises InterruptProcessingException on Cancel
+            try:  # raises InterruptProcessingException on Cancel
+                progress(step, rec["steps_total"], preview)
             except BaseException as e:
                 stop_types.append(type(e))
                 raise
@@ -136,7 +187,6 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
                 stop_types.append(type(e))
                 raise
 
-    node = str(node_id) if node_id is not None else None
     send_event(TELEMETRY_EVENT, {"node": node, "status": "starting", "step": 0, "steps_total": config.steps,
                                  "optimizer": config.optimizer})
     failure: BaseException | None = None
@@ -178,4 +228,5 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
                                  "run_dir": result.run_dir})
     rel = os.path.relpath(result.lora_path, lora_dir)
     return {"lora_path": result.lora_path, "lora_name": rel.replace(os.sep, "/"), "run_dir": result.run_dir,
-            "steps_done": result.steps_done, "stop_reason": result.stop_reason}
+            "steps_done": result.steps_done, "stop_reason": result.stop_reason, "samples": list(samples),
+            "config": config}

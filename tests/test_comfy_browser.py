@@ -1,6 +1,7 @@
 """The web extension in a real browser: Debian's chromium driven by Python Playwright (no `playwright install`),
 against the same real ComfyUI as test_comfy_server.py. The page loads with our extension registered and no console
-errors from it; the mini chart on the trainer node draws during a run. Screenshot: $EMOLORA_ARTIFACTS (default
+errors from it; one short training queued from the page draws the mini chart, puts the sample preview on the node,
+and the EmoLoRA sidebar tab shows the panel with the run's live step counter. Screenshot: $EMOLORA_ARTIFACTS (default
 <repo>/output/test-artifacts/comfy_browser.png; output/ is git-ignored)."""
 
 import json
@@ -19,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = os.environ.get("EMOLORA_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-RES = 256
+RES = 128  # the cheapest size that still exercises buckets, the VAE and every UNet level
+STEPS = 2
 
 
 def artifacts_dir() -> Path:
@@ -70,7 +72,57 @@ def test_page_loads_with_extension_and_no_errors_from_it(browser_page):
     assert not errors, errors
 
 
-def test_mini_chart_draws_during_a_run(browser_page, comfy, tmp_path):
+def test_picking_an_optimizer_or_a_preset_fills_real_values(browser_page):
+    """No sentinels: a pick on the Optimizer node fills that optimizer's own values (from /emolora/defaults), a
+    training preset on the Trainer fills the Trainer's widgets and the linked Dataset node's."""
+    page, _ = browser_page
+    workflow = json.loads((ROOT / "example_workflows" / "emolora_train_then_sample.json").read_text())
+    got = page.evaluate(
+        """async (wf) => {
+            await window.app.loadGraphData(wf);
+            const nodes = window.app.graph._nodes;
+            const byType = (t) => nodes.find(n => n.type === t);
+            const w = (n, name) => n.widgets.find(x => x.name === name);
+            const pick = (n, name, value) => { const x = w(n, name); x.value = value; x.callback?.(value); };
+            const sleep = () => new Promise(r => setTimeout(r, 50));
+            const until = async (f) => { for (let i = 0; i < 200 && !f(); i++) await sleep(); };
+            const opt = byType('EmoLoRA_Optimizer'), tr = byType('EmoLoRA_Trainer'), ds = byType('EmoLoRA_Dataset');
+            const values = (n, names) => Object.fromEntries(names.map(k => [k, w(n, k).value]));
+            const names = ['lr', 'beta1', 'beta2', 'weight_decay', 'trust_level', 'emopulse_scale'];
+            const shown = values(opt, names);
+            pick(opt, 'optimizer', 'AdamW');
+            await until(() => w(opt, 'beta2').value === 0.999);
+            const adamw = values(opt, names);
+            pick(opt, 'optimizer', 'AutoTrustGO');
+            pick(opt, 'preset', 'autotrustgo-bold');
+            await until(() => w(opt, 'trust_level').value === 0.5);
+            const bold = values(opt, names);
+            pick(opt, 'optimizer', 'EmoSens');  // a preset of another optimizer goes back to auto
+            await until(() => w(opt, 'preset').value.startsWith('auto'));
+            const sens = {preset: w(opt, 'preset').value, ...values(opt, names)};
+            w(ds, 'resolution').value = 256;
+            pick(tr, 'preset', 'style');
+            await until(() => w(tr, 'rank').value === 32);
+            return {shown, adamw, bold, sens, trainer: values(tr, ['rank', 'alpha', 'steps', 'save_every']),
+                    dataset: values(ds, ['resolution', 'flip_aug'])};
+        }""", workflow)
+    assert got["shown"]["lr"] == 6e-05 and got["shown"]["beta2"] == 0.995, got  # EmoNavi's, as saved
+    assert got["adamw"] == {**got["adamw"], "lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01}, got
+    assert got["bold"]["trust_level"] == 0.5 and got["bold"]["lr"] == 1e-4, got
+    assert got["sens"]["preset"].startswith("auto") and got["sens"]["emopulse_scale"] == 1.0, got
+    assert got["trainer"] == {"rank": 32, "alpha": 16, "steps": 2000, "save_every": 250}, got
+    assert got["dataset"] == {"resolution": 1024, "flip_aug": True}, got
+
+
+# The graph nodes of the example's sampling branch: the server test runs them; here they are muted, so this test's
+# one run is the training alone (it proves the browser side: chart, preview, sidebar panel).
+SAMPLING_BRANCH = ("CheckpointLoaderSimple", "EmoLoRA_LoadTrainedLoRA", "CLIPTextEncode", "EmptyLatentImage",
+                   "KSampler", "VAEDecode", "SaveImage")
+
+
+def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(browser_page, comfy, tmp_path):
+    """One short training queued from the page: the mini chart draws, the preview lands on the node, and the
+    EmoLoRA sidebar tab opens the panel that shows the run's live step counter."""
     page, logs = browser_page
     data = tmp_path / "1_chart"
     data.mkdir()
@@ -82,15 +134,17 @@ def test_mini_chart_draws_during_a_run(browser_page, comfy, tmp_path):
     workflow = json.loads((ROOT / "example_workflows" / "emolora_train_then_sample.json").read_text())
     overrides = {
         "EmoLoRA_Dataset": {"folder": str(tmp_path), "resolution": RES},
-        "EmoLoRA_Trainer": {"ckpt_name": H.CHECKPOINT_NAME, "steps": 4, "rank": 4, "output_name": "browser"},
-        "CheckpointLoaderSimple": {"ckpt_name": H.CHECKPOINT_NAME},
-        "KSampler": {"steps": 1},
-        "EmptyLatentImage": {"width": RES, "height": RES},
+        "EmoLoRA_Trainer": {"ckpt_name": H.CHECKPOINT_NAME, "steps": STEPS, "rank": 4, "output_name": "browser",
+                            "sample_every": 2, "sample_size": 64, "sample_steps": 1,
+                            "gradient_checkpointing": False},
     }
-    page.evaluate(
-        """async ([wf, ov]) => {
+    trainer_id = page.evaluate(
+        """async ([wf, ov, muted]) => {
             await window.app.loadGraphData(wf);
+            let trainer = null;
             for (const node of window.app.graph._nodes) {
+                if (muted.includes(node.type)) node.mode = 2;  // never: left out of the prompt
+                if (node.type === 'EmoLoRA_Trainer') trainer = node.id;
                 const o = ov[node.type];
                 if (!o) continue;
                 for (const [k, v] of Object.entries(o)) {
@@ -99,20 +153,50 @@ def test_mini_chart_draws_during_a_run(browser_page, comfy, tmp_path):
                     w.value = v;
                 }
             }
+            // note every preview the frontend puts on the trainer node while it runs
+            window.__previewSeen = 0;
+            window.__previewWatch = setInterval(() => {
+                const p = window.app.nodePreviewImages || {};
+                if (p[String(trainer)] && p[String(trainer)].length) window.__previewSeen += 1;
+            }, 50);
+            return trainer;
         }""",
-        [workflow, overrides],
+        [workflow, overrides, list(SAMPLING_BRANCH)],
     )
     assert page.evaluate("() => document.querySelectorAll('canvas.emolora-chart').length") >= 1
+    # the sidebar tab is registered and its button is in the side toolbar
+    tab = page.locator(".emolora-panel-tab-button")
+    tab.wait_for(state="visible", timeout=60_000)
     before = page.evaluate("() => window.__emolora.draws")
     page.evaluate("() => window.app.queuePrompt(0, 1)")
     page.wait_for_function("() => window.__emolora.last && window.__emolora.last.status === 'running'",
-                           timeout=1_200_000)
+                           timeout=600_000)
+    tab.click()  # first open: starts the panel (POST /emolora/panel) and embeds it
+    iframe = page.locator("iframe.emolora-panel-frame")
+    iframe.wait_for(state="attached", timeout=120_000)
+    frame = iframe.element_handle().content_frame()
+    live = frame.wait_for_function(
+        """() => {
+            const step = document.querySelector('#emolora-step');
+            const st = document.querySelector('#emolora-run-status');
+            return step && st && st.dataset.status === 'running' && Number(step.dataset.step) >= 1
+                && [Number(step.dataset.step), document.querySelector('.emo-big')?.parentElement?.innerText || ''];
+        }""", timeout=300_000).json_value()
+    run_name = page.evaluate("() => window.__emolora.run")
+    assert run_name and run_name in live[1], (run_name, live)
     page.wait_for_function("() => window.__emolora.last && ['done', 'interrupted', 'failed']"
-                           ".includes(window.__emolora.last.status)", timeout=1_200_000)
+                           ".includes(window.__emolora.last.status)", timeout=600_000)
     state = page.evaluate("() => ({draws: window.__emolora.draws, events: window.__emolora.events, "
-                          "last: window.__emolora.last})")
+                          "last: window.__emolora.last, samples: window.__emolora.samples})")
     assert state["events"] >= 2 and state["draws"] > before, state
     assert state["last"]["status"] == "done", state
+    assert state["samples"] == 1, state
+    comfy.wait_idle()  # the telemetry plot after the trainer
+    page.wait_for_timeout(300)
+    previews = page.evaluate("() => { clearInterval(window.__previewWatch); return window.__previewSeen; }")
+    assert previews > 0, "the sample preview never reached the trainer node"
+    outputs = page.evaluate("(id) => window.app.nodeOutputs[String(id)]", trainer_id)
+    assert outputs and len(outputs["images"]) == 1, outputs  # the last set stays on the node
     # the chart canvas has drawn a loss line: some pixels of the loss colour
     blue = page.evaluate("""() => {
         const c = document.querySelector('canvas.emolora-chart');
@@ -121,7 +205,6 @@ def test_mini_chart_draws_during_a_run(browser_page, comfy, tmp_path):
         for (let i = 0; i < d.length; i += 4) if (d[i] < 120 && d[i + 1] > 130 && d[i + 2] > 220) n++;
         return n;
     }""")
-    comfy.wait_idle()  # the sampling part of the example; leaves the server idle for the next tests
     page.keyboard.press("Escape")
     page.evaluate("""() => {
         const c = window.app.canvas, n = window.app.graph._nodes.find(n => n.type === 'EmoLoRA_Trainer');
@@ -129,7 +212,7 @@ def test_mini_chart_draws_during_a_run(browser_page, comfy, tmp_path):
         if (c.centerOnNode) c.centerOnNode(n);
         c.setDirty(true, true);
     }""")
-    page.wait_for_timeout(800)
+    page.wait_for_timeout(500)
     shot = artifacts_dir() / "comfy_browser.png"
     page.screenshot(path=str(shot), full_page=False)
     H.log(f"screenshot: {shot}")

@@ -62,12 +62,19 @@ def test_node_modules_import_only_relative_and_lazily():
 
 
 # ---- Optimizer spec --------------------------------------------------------------------------------------------
+WIDGETS = ("preset", "lr", "emopulse_scale", "beta1", "beta2", "weight_decay", "use_shadow", "trust_level",
+           "emopulse_scheduler", "lr_scheduler", "warmup_steps")
+
+
 def _spec(optimizer, **kw):
-    args = dict(preset="auto (the optimizer's own)", lr=0.0, emopulse_scale=1.0, beta1=-1.0, beta2=-1.0,
-                weight_decay=-1.0, use_shadow=False, trust_level=0.4, emopulse_scheduler=False,
+    """build_spec with the widget values the frontend shows for `optimizer` (its real defaults), changed by kw."""
+    spec_mod = sub("nodes.optimizer_spec")
+    args = dict(preset=spec_mod.AUTO_PRESET, lr=1e-4, emopulse_scale=1.0, beta1=0.9, beta2=0.999,
+                weight_decay=0.0, use_shadow=False, trust_level=0.4, emopulse_scheduler=False,
                 lr_scheduler="constant", warmup_steps=0)
+    args.update(spec_mod.optimizer_defaults(optimizer, kw.get("preset", spec_mod.AUTO_PRESET)))
     args.update(kw)
-    return sub("nodes.optimizer_spec").build_spec(optimizer, **args)
+    return spec_mod.build_spec(optimizer, **{k: args[k] for k in WIDGETS})
 
 
 def test_every_optimizer_builds_a_valid_immutable_spec():
@@ -86,6 +93,36 @@ def test_every_optimizer_builds_a_valid_immutable_spec():
             spec.optimizer = "x"
 
 
+def test_widget_defaults_are_what_the_cli_trains_with():
+    """The Optimizer node's real defaults (no sentinels): for every optimizer and each of its presets, the values
+    the widgets are filled with train exactly what the CLI trains with `--optimizer X [--preset P]`."""
+    from trainer.config import build_config
+
+    spec_mod = sub("nodes.optimizer_spec")
+    table = spec_mod.defaults_table()
+    assert set(table) == set(sub("nodes._common").optimizer_names())
+    assert table["AutoTrustGO"]["autotrustgo-bold"]["trust_level"] == 0.5
+    assert table["EmoNavi"][spec_mod.AUTO_PRESET]["lr"] == 6e-05
+    assert table["AdamW"][spec_mod.AUTO_PRESET]["weight_decay"] == 0.01
+    fixed = {"model": "m", "data": "d", "output": "o.safetensors"}
+    for name, by_preset in table.items():
+        for preset, values in by_preset.items():
+            assert all(v is not None and v != -1 for v in values.values()), (name, preset, values)
+            spec = _spec(name, preset=preset)
+            node = build_config(presets=list(spec.presets), overrides={**spec.overrides(), **fixed}, validate=False)
+            cli_presets = [] if preset == spec_mod.AUTO_PRESET else [preset]
+            cli = build_config(presets=cli_presets, overrides={"optimizer": name, **fixed}, validate=False)
+            assert cli.lr is not None and node.lr == cli.lr, (name, preset)
+            for key, value in cli.optimizer_args.items():  # explicit in the preset: the node passes the same
+                assert node.optimizer_args[key] == value, (name, preset, key)
+            ctor = spec_mod._constructor_defaults(name)  # the rest: the constructor's own defaults
+            for key, value in node.optimizer_args.items():
+                if key not in cli.optimizer_args:
+                    expected = list(value) if key == "betas" else value
+                    assert (list(ctor[key]) if key == "betas" else ctor[key]) == expected, (name, key)
+            assert (node.lr_scheduler, node.warmup_steps) == (cli.lr_scheduler, cli.warmup_steps)
+
+
 def test_optimizer_family_parameters():
     err = sub("nodes._common").EmoLoRAError
     s = _spec("EmoSens", emopulse_scale=0.5, lr=0.1).overrides()
@@ -94,10 +131,15 @@ def test_optimizer_family_parameters():
     assert s["optimizer_args"]["trust_level"] == 0.8
     s = _spec("EmoNavi", lr=1e-4, beta1=0.9, beta2=0.99, weight_decay=0.0, use_shadow=True).overrides()
     assert s["optimizer_args"] == {"betas": [0.9, 0.99], "weight_decay": 0.0, "use_shadow": True}
+    assert s["lr"] == 1e-4
     s = _spec("AdamW", emopulse_scheduler=True, emopulse_scale=2.0).overrides()
     assert s["lr_scheduler"] == "emopulse" and s["scheduler_args"] == {"base_lr": 2.0}
-    with pytest.raises(err, match="takes no betas"):
-        _spec("AutoTrustGO", beta1=0.9, beta2=0.99)
+    s = _spec("AutoTrustGO", beta1=0.5, beta2=0.5, weight_decay=0.3).overrides()  # not its parameters: ignored
+    assert s["optimizer_args"] == {"trust_level": 0.4}
+    with pytest.raises(err, match="beta1 and beta2 must be in"):
+        _spec("EmoNavi", beta1=-1.0)
+    with pytest.raises(err, match="lr must be > 0"):
+        _spec("AdamW", lr=0.0)
     with pytest.raises(err, match="no shadow"):
         _spec("AdamW", use_shadow=True)
     with pytest.raises(err, match="already takes its step size"):
@@ -187,18 +229,40 @@ def test_run_training_tiny_model_and_cancel_saves_the_lora(tmp_path, monkeypatch
     kw = dict(checkpoint=tiny_model_path(), dataset=dataset, optimizer=optimizer, lora_dir=str(tmp_path / "loras"),
               runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), node_id="3", device="cpu",
               rank=4, steps=3, mixed_precision="no", gradient_checkpointing=False)
-    seen = []
-    out = training.run_training(output_name="ok", progress=lambda s, t: seen.append((s, t)), **kw)
+    seen, previews = [], []
+
+    def progress(step, total, preview=None):
+        seen.append((step, total))
+        if preview is not None:
+            previews.append((step, preview.size))
+
+    # the character preset under the node's values, previews every 2 steps (two prompts, 64 px, 1 step)
+    out = training.run_training(output_name="ok", progress=progress, preset="character",
+                                sample_prompts=["a red blob", "a cat"], sample_every=2, sample_size=64,
+                                sample_steps=1, **kw)
     assert seen == [(1, 3), (2, 3), (3, 3)]
     assert out["lora_name"] == "ok_00001.safetensors" and Path(out["lora_path"]).is_file()
     assert out["stop_reason"] == "finished"
     statuses = [d["status"] for n, d in events if n == common.TELEMETRY_EVENT]
     assert statuses[0] == "starting" and statuses[-1] == "done" and "running" in statuses
+    assert "sample" in statuses
+    # previews: the set made at step 2 went to the progress bar as one strip, and is the samples output
+    assert previews == [(2, (128, 64))]
+    assert [im.size for im in out["samples"]] == [(64, 64), (64, 64)]
+    batch = sub("nodes.previews").to_image_batch(out["samples"])
+    assert tuple(batch.shape) == (2, 64, 64, 3) and 0.0 <= float(batch.min()) <= float(batch.max()) <= 1.0
+    # the preset merged under the node's values, as the CLI merges --preset character under its flags
+    cfg = out["config"]
+    assert (cfg.min_snr_gamma, cfg.noise_offset, cfg.shuffle_caption, cfg.keep_tokens, cfg.cache_text) == \
+        (5.0, 0.0357, True, 1, "off")
+    assert cfg.rank == 4 and cfg.resolution == 64  # the node's rank and the Dataset node's resolution win
+    status = training.preset_status("character", cfg)
+    assert "min_snr_gamma=5.0" in status and "rank=4 (preset 16)" in status
 
     class Cancelled(Exception):  # stands in for ComfyUI's InterruptProcessingException
         pass
 
-    def cancel_at_2(step, total):
+    def cancel_at_2(step, total, preview=None):
         if step == 2:
             raise Cancelled()
 
@@ -217,7 +281,7 @@ def test_run_training_tiny_model_and_cancel_saves_the_lora(tmp_path, monkeypatch
         raise Cancelled()
 
     with pytest.raises(Cancelled):
-        training.run_training(output_name="early", progress=lambda s, t: steps.append(s),
+        training.run_training(output_name="early", progress=lambda s, t, p=None: steps.append(s),
                               check_cancel=cancel_during_load, **kw)
     assert phases == ["check"] and steps == [] and not list((tmp_path / "loras").glob("early*"))
     assert events[-1][1]["status"] == "interrupted" and events[-1][1]["lora"] is None
@@ -229,6 +293,66 @@ def test_run_training_tiny_model_and_cancel_saves_the_lora(tmp_path, monkeypatch
         save_file({"cond_stage_model.transformer.x": torch.zeros(2), "model.diffusion_model.y": torch.zeros(2)},
                   str(bad))
         training.run_training(output_name="bad", progress=None, **{**kw, "checkpoint": str(bad)})
+
+
+def test_sample_files_of_a_step_in_prompt_order(tmp_path):
+    from PIL import Image
+
+    previews = sub("nodes.previews")
+    (tmp_path / "samples").mkdir()
+    for i in (0, 2, 10, 1):
+        Image.new("RGB", (32 + i, 16), (i * 20, 0, 0)).save(tmp_path / "samples" / f"step-000004-{i}.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "samples" / "step-000040-0.png")
+    paths = previews.sample_paths(tmp_path, 4)
+    assert [p.name for p in paths] == [f"step-000004-{i}.png" for i in (0, 1, 2, 10)]
+    images = previews.load_images(paths)
+    assert previews.strip(images).size == (32 * 4 + 13, 16)
+    assert tuple(previews.to_image_batch(images).shape) == (4, 16, 32, 3)  # resized to the first one's size
+    assert tuple(previews.to_image_batch([], fallback_size=96).shape) == (1, 96, 96, 3)
+    assert previews.sample_paths(tmp_path, 5) == []
+
+
+def test_network_options_pass_the_trainer_keys(monkeypatch):
+    TrainConfig = sub("trainer.config").TrainConfig  # the pack's own copy of the module
+    training, err = sub("nodes.training"), sub("nodes._common").EmoLoRAError
+    assert training.network_options("loha", False, True, "/x/old.safetensors") == {
+        "network": "loha", "dora": False, "rslora": True, "network_weights": "/x/old.safetensors"}
+    # a trainer core without one of the keys: left out at its default, a clear error when asked for
+    fields = {k: v for k, v in TrainConfig.__dataclass_fields__.items() if k != "dora"}
+    monkeypatch.setattr(TrainConfig, "__dataclass_fields__", fields)
+    assert "dora" not in training.network_options("lora", False, False, None)
+    with pytest.raises(err, match="dora=True needs a trainer core with the 'dora' option"):
+        training.network_options("lora", True, False, None)
+
+
+@pytest.mark.slow
+def test_run_training_loha_then_continue_it(tmp_path, monkeypatch, one_thread):
+    """The Trainer node's network inputs reach the trainer: a LoHa file, then a run continued from it."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from trainer.model import tiny_model_path
+
+    training = sub("nodes.training")
+    monkeypatch.setattr(training, "send_event", lambda name, data: None)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("tiny")
+    kw = dict(checkpoint=tiny_model_path(), dataset=sub("nodes.dataset_spec").build_dataset(str(data), 64, False, 64,
+                                                                                             1, False),
+              optimizer=_spec("EmoNavi"), lora_dir=str(tmp_path / "loras"), runs_dir=str(tmp_path / "runs"),
+              cache_dir=str(tmp_path / "cache"), device="cpu", rank=4, steps=1, mixed_precision="no",
+              gradient_checkpointing=False)
+    first = training.run_training(output_name="loha", **kw, **training.network_options("loha", False, False, None))
+    with safe_open(first["lora_path"], "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith(".hada_w1_a") for k in keys) and not any("lora_down" in k for k in keys)
+    assert first["config"].network == "loha"
+    again = training.run_training(output_name="loha", **kw,
+                                  **training.network_options("loha", False, False, first["lora_path"]))
+    assert again["config"].network_weights == first["lora_path"] and again["lora_name"] == "loha_00002.safetensors"
 
 
 # ---- Example workflow ------------------------------------------------------------------------------------------

