@@ -249,8 +249,8 @@ def test_panel_stop_ends_every_rank_at_the_same_step_and_a_different_world_resum
     # A different number of processes (1) continues from the same save.
     r = _run([sys.executable, "-m", "trainer", "train", "--resume", str(run_dir), "--steps", str(done + 1),
               "--threads", "1", "--no-progress"])
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "saved by 2 process(es), this run has 1" in r.stderr
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "saved by 2 process(es), this run has 1" in r.stderr, r.stderr[-3000:]
 
 
 def test_lockstep_checksum_covers_the_emotion_state_not_only_tensors():
