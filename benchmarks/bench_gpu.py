@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py --quick                       # CUDA, about 5 minutes on an H100/H200
     python benchmarks/bench_gpu.py                               # CUDA, more steps per row
     python benchmarks/bench_gpu.py --device cpu --unet tiny      # the same code on the CPU, under a minute
+    python benchmarks/bench_gpu.py --quick --compile             # plus ours EmoNavi with regional torch.compile
 
 One process, one markdown table (and --json PATH for the rows):
 
@@ -39,12 +40,12 @@ EXTERNAL = ("EmoNavi", "EmoFact", "EmoLynx")  # pytorch_optimizer's ports
 
 
 # ---- train: ours ---------------------------------------------------------------------------------------------------
-def ours_step(args, config, optimizer, batch, checkpointing):
+def ours_step(args, config, optimizer, batch, checkpointing, compile_blocks=False):
     """-> (train_step, cleanup, LoRA module count) for our Trainer on a random UNet."""
     cuda = args.device.startswith("cuda")
     cfg = synthetic_config(resolution=args.resolution, rank=args.rank, batch_size=batch, optimizer=optimizer,
                            lr=1e-4, device=args.device, mixed_precision="bf16" if cuda else "no",
-                           gradient_checkpointing=checkpointing,
+                           gradient_checkpointing=checkpointing, compile=compile_blocks,
                            optimizer_args={"fused": True} if optimizer == "AdamW" else {})
     trainer = random_unet_trainer(config)(cfg)
     trainer.setup()
@@ -147,6 +148,10 @@ def train_rows(args, config, out):
                 if isinstance(n, int) and isinstance(ref_n, int) and n != ref_n:
                     row["note"] = f"{n} LoRA modules vs the reference's {ref_n}"
                 out(row)
+            if args.compile:  # the warm-up steps include the blocks' compilation
+                s, mb, _ = measure(args, partial(ours_step, args, config, "EmoNavi", batch, ckpt, True))
+                out(dict(part="train", config=where, impl="ours EmoNavi --compile", s=s, mb=mb, vs="reference",
+                         ratio=_ratio(s, ref_s), mem_ratio=_ratio(mb, ref_mb)))
 
 
 # ---- the optimizer step alone --------------------------------------------------------------------------------------
@@ -233,6 +238,7 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, help="default: 1024 (sdxl), 64 (tiny)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--only", choices=["train", "optimizer"], help="one part only")
+    p.add_argument("--compile", action="store_true", help="also time ours EmoNavi with --compile (train part)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--threads", type=int, help="CPU threads (--device cpu; default 1)")
     args = p.parse_args(argv)

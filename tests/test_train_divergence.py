@@ -120,3 +120,50 @@ def test_the_writer_itself_refuses_nan(tmp_path):
     with pytest.raises(NonFiniteLoRAError, match="1 of 2 tensors are not finite"):
         save_lora(tmp_path / "x.safetensors", Net(), {})
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["AdamW", *__import__("trainer.optim", fromlist=["OPTIMIZERS"]).OPTIMIZERS])
+def test_rollback_returns_the_optimizer_exactly_to_before_the_update(name):
+    """take, a (bad) step, restore, a good step == that good step alone: weights, tensor state and the host-side
+    scalars (loss EMAs, counters, should_stop) all come back."""
+    from trainer.optim import OPTIMIZER_INFO, create_optimizer
+    from trainer.rollback import LastGoodState
+
+    def make():
+        g = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.1) for s in ((4, 8), (8, 4), (16,))]
+        opt = create_optimizer(name, params, lr=OPTIMIZER_INFO[name].recommended_lr)
+        return params, opt
+
+    def step(params, opt, seed, loss):
+        g = torch.Generator().manual_seed(seed)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        opt.step(**({} if name == "AdamW" else {"loss": loss}))
+
+    (pa, a), (pb, b) = make(), make()
+    for k in range(3):  # some history first: state exists and the EMAs have moved
+        step(pa, a, k, 0.2 - 0.01 * k)
+        step(pb, b, k, 0.2 - 0.01 * k)
+    guard = LastGoodState(pa, a)
+    guard.take()
+    step(pa, a, 99, 5.0)  # the update to undo (a loss spike moves the emotion too)
+    guard.restore()
+    step(pa, a, 3, 0.17)
+    step(pb, b, 3, 0.17)
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    assert same(sa["state"], sb["state"])
+    assert same(sa.get("emo"), sb.get("emo"))
+
+
+def same(x, y) -> bool:
+    """Bitwise equality through dicts, lists and tensors."""
+    if torch.is_tensor(x) or torch.is_tensor(y):
+        return torch.is_tensor(x) and torch.is_tensor(y) and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return isinstance(y, (list, tuple)) and len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
+    return x == y
