@@ -10,6 +10,8 @@ Module map (what each module owns):
 - placement.py: which device and mode the model's modules are in; diffusion.py: noise schedule and losses.
 - runstore.py: the run folder's telemetry store (sqlite) and control file, shared with the panel and ComfyUI.
 - atomic.py: the one atomic file writer.
+- distributed.py: several processes in lockstep (torchrun/accelerate): process group, batch shards, the step's
+  gradient+loss all-reduce, rank-0-only writes, shared control, lockstep checksum; launch.py: the torchrun command.
 - model/: loading SDXL checkpoints, the LoRA network, kohya export; data/: dataset scan, buckets, caches.
 - optim/: the optimizers (one module each over shared mechanics).
 
