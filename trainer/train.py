@@ -7,8 +7,9 @@ are dropped, it is counted, and the optimizer is not fed. (Logging the optimizer
 one more transfer: they are stacked on the device and read at once.)
 
 Everything random is a function of the seed and the position (data order and augmentation of (epoch, batch),
-noise and timesteps of (step, micro-batch)), or is in the saved state (RNGs for LoRA dropout), so a resumed
-run ends with the same LoRA, bit for bit on the CPU, as an uninterrupted one.
+noise and timesteps of (step, micro-batch, the sample's row in the global batch)), or is in the saved state
+(RNGs for LoRA dropout), so a resumed run ends with the same LoRA, bit for bit on the CPU, as an uninterrupted
+one. Under torchrun several processes train one LoRA in lockstep: trainer/distributed.py.
 
 The run's parts are explicit (parts.py): RunSetup (what build.py made), LoopState (where the loop stands, what
 state.py saves). The rest lives beside it: checkpoint.py (LoRA files), telemetry.py (step records, summary),
