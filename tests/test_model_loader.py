@@ -274,7 +274,7 @@ def test_non_sdxl_checkpoints_are_rejected_before_loading(tmp_path, monkeypatch,
     def boom(*a, **k):
         raise AssertionError("tensors were read before the family check")
 
-    monkeypatch.setattr(loader, "_read_components", boom)
+    monkeypatch.setattr(loader, "_read_tensors", boom)
     with pytest.raises(ModelError, match=f"{kind}_model.safetensors") as err:
         load_sdxl(path)
     assert "not an SDXL-family checkpoint" in str(err.value)
@@ -296,6 +296,17 @@ def test_missing_corrupt_and_wrong_type_files(tmp_path, tiny_path):
     ckpt.write_bytes(b"x")
     with pytest.raises(ModelError, match="old.ckpt"):
         load_sdxl(ckpt)
+
+
+@pytest.mark.parametrize("key, what", [
+    ("model.diffusion_model.input_blocks.1.0.extra.weight", "UNet"),
+    ("conditioner.embedders.1.model.transformer.resblocks.0.attn.extra", "OpenCLIP bigG"),
+    ("first_stage_model.encoder.mid.attn_1.extra.weight", "VAE"),
+])  # fmt: skip
+def test_a_tensor_without_a_place_is_refused_not_dropped(tmp_path, tiny_path, key, what):
+    path = copy_without_tokenizer(tiny_path, tmp_path, {key: torch.zeros(2, dtype=torch.float16)})
+    with pytest.raises(ModelError, match=f"model.safetensors: 1 {what} tensors do not fit .*extra"):
+        load_sdxl(path, tokenizer_dir=clip_tokenizers.sidecar_dir(tiny_path))
 
 
 def test_v_pred_and_ztsnr_keys_are_detected(tmp_path, tiny_path):

@@ -1,7 +1,11 @@
 """State-dict conversion between the single-file (SGM/LDM) SDXL layout and diffusers/HF components.
 
-Both directions are needed: loading ComfyUI checkpoints, and writing the tiny/Vega test checkpoints
-in the exact layout ComfyUI reads. Keys that cannot be placed are returned, never silently dropped.
+Loading (single file -> diffusers) is diffusers' own conversion (diffusers.loaders.single_file_utils, which
+the model classes import anyway), fed the configs detect.py infers from shapes, so nothing is fetched; the
+tensors are the same objects ours gave and it costs milliseconds more. What diffusers lacks stays here: the
+reverse direction (writing the tiny/Vega test checkpoints in the exact layout ComfyUI reads; sdxl_keys also
+gives export its kohya names) and the check that every checkpoint tensor has a place in the inferred model:
+diffusers' converters skip keys they do not expect, and a silently dropped tensor would train another model.
 """
 
 from __future__ import annotations
@@ -39,12 +43,45 @@ def _rename(sd: dict, mapping: dict[str, str]) -> tuple[dict, list[str]]:
     return out, left
 
 
-# ------------------------------------------------------------------ UNet
-def unet_to_diffusers(sgm: dict, layout: K.UNetLayout) -> tuple[dict, list[str]]:
-    inverse = {s: d for d, s in _param_map(K.unet_module_map(layout)).items()}
-    return _rename(sgm, inverse)
+# ------------------------------------------------------------------ single file -> diffusers/HF
+def to_diffusers(sd: dict, unet_config: dict, vae_config: dict, te2_model) -> dict[str, dict]:
+    """A single-file SDXL state dict (prefixed keys) -> {"unet", "te1", "te2", "vae"} diffusers/HF state dicts
+    (text-encoder names canonical, see te_keys_for). te2_model: the (meta) CLIPTextModelWithProjection, which
+    diffusers' OpenCLIP converter consults for its width."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    te1, _ = te1_to_hf(convert_ldm_clip_checkpoint(sd))
+    te2 = convert_open_clip_checkpoint(te2_model, sd, prefix=K.TE2_PREFIX)
+    return {
+        "unet": convert_ldm_unet_checkpoint(sd, unet_config),
+        "te1": te1,
+        "te2": {canonical_te_name(k): v for k, v in te2.items()},
+        "vae": convert_ldm_vae_checkpoint(sd, vae_config),
+    }
 
 
+def unplaced(parts: dict[str, dict], layout: K.UNetLayout) -> dict[str, list[str]]:
+    """Per component (split_components output), the checkpoint tensors no module of the inferred architecture takes."""
+    known_unet = set(_param_map(K.unet_module_map(layout)).values())
+    modules, attn = _vae_maps(parts["vae"])
+    known_vae = set(_param_map(modules).values()) | set(_param_map(attn).values())
+    n = _te2_layers(parts["te2"])
+    known_te2 = {*K.te2_param_map(n).values(), K.TE2_TEXT_PROJECTION[1], *K.TE2_IGNORED}
+    for i in range(n):
+        known_te2.update(K.te2_qkv_names(i)[:2])
+    return {
+        "UNet": [k for k in parts["unet"] if k not in known_unet],
+        "OpenCLIP bigG": [k for k in parts["te2"] if k not in known_te2],
+        "VAE": [k for k in parts["vae"] if k not in known_vae],
+    }
+
+
+# ------------------------------------------------------------------ diffusers/HF -> single file
 def unet_from_diffusers(diff: dict, layout: K.UNetLayout) -> tuple[dict, list[str]]:
     return _rename(diff, _param_map(K.unet_module_map(layout)))
 
@@ -78,32 +115,6 @@ def te1_to_hf(sd: dict) -> tuple[dict, list[str]]:
 def _te2_layers(keys) -> int:
     ids = {int(k.split(".")[2]) for k in keys if k.startswith("transformer.resblocks.")}
     return max(ids) + 1 if ids else 0
-
-
-def te2_to_hf(oc: dict) -> tuple[dict, list[str]]:
-    n = _te2_layers(oc)
-    inverse = {o: h for h, o in K.te2_param_map(n).items()}
-    out, left = {}, []
-    fused = {}
-    for i in range(n):
-        w, b, proj = K.te2_qkv_names(i)
-        fused[w] = [f"{p}.weight" for p in proj]
-        fused[b] = [f"{p}.bias" for p in proj]
-    hf_proj, oc_proj = K.TE2_TEXT_PROJECTION
-    for key, value in oc.items():
-        if key in inverse:
-            out[inverse[key]] = value
-        elif key in fused:
-            # OpenCLIP stores q, k, v stacked along dim 0 of one in_proj matrix.
-            for name, chunk in zip(fused[key], value.chunk(3, dim=0)):
-                out[name] = chunk.contiguous()
-        elif key == oc_proj:
-            out[hf_proj] = value.t().contiguous()  # OpenCLIP computes x @ P; HF Linear computes x @ W.T
-        elif key in K.TE2_IGNORED:
-            continue
-        else:
-            left.append(key)
-    return out, left
 
 
 def te2_from_hf(hf: dict) -> tuple[dict, list[str]]:
@@ -149,22 +160,6 @@ def _vae_maps(keys) -> tuple[dict[str, str], dict[str, str]]:
     }
     mid_attn = any(".attn_1." in k or ".attentions.0." in k for k in keys)
     return K.vae_module_map(len(enc_levels), len(layers), mid_attn), (K.vae_attention_map() if mid_attn else {})
-
-
-def vae_to_diffusers(ldm: dict) -> tuple[dict, list[str]]:
-    modules, attn = _vae_maps(ldm)
-    inverse = {s: d for d, s in _param_map(modules).items()}
-    attn_inv = {s: d for d, s in _param_map(attn).items()}
-    out, left = {}, []
-    for key, value in ldm.items():
-        if key in inverse:
-            out[inverse[key]] = value
-        elif key in attn_inv:
-            # LDM mid attention uses 1x1 convs; diffusers uses Linear.
-            out[attn_inv[key]] = value.reshape(value.shape[0], -1) if value.ndim == 4 else value
-        else:
-            left.append(key)
-    return out, left
 
 
 def vae_from_diffusers(diff: dict) -> tuple[dict, list[str]]:

@@ -102,19 +102,23 @@ def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
 
     # Token ids of the tokenizer actually used: HF pools text_embeds at the first EOS id.
     ids = {"bos_token_id": tok1.bos_token_id, "eos_token_id": tok1.eos_token_id, "pad_token_id": tok1.eos_token_id}
-    parts = _read_components(path, dtype, vae_dtype)
-    unet_sd, left = convert.unet_to_diffusers(parts["unet"], cfg.layout)
-    _no_leftovers(path, "UNet", left)
-    unet = _assemble(lambda: UNet2DConditionModel(**cfg.unet), unet_sd, dtype, path, "UNet")
-    te1_sd, _ = convert.te1_to_hf(parts["te1"])
-    te1 = _assemble(lambda: CLIPTextModel(CLIPTextConfig(**cfg.te1, **ids)), te1_sd, dtype, path, "CLIP-L", te=True)
-    te2_sd, left = convert.te2_to_hf(parts["te2"])
-    _no_leftovers(path, "OpenCLIP bigG", left)
-    te2_factory = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg.te2, **ids))  # noqa: E731
-    te2 = _assemble(te2_factory, te2_sd, dtype, path, "bigG", te=True)
-    vae_sd, left = convert.vae_to_diffusers(parts["vae"])
-    _no_leftovers(path, "VAE", left)
-    vae = _assemble(lambda: AutoencoderKL(**cfg.vae), vae_sd, vae_dtype, path, "VAE")
+    sd = _read_tensors(path, dtype, vae_dtype)
+    for what, left in convert.unplaced(convert.split_components(sd), cfg.layout).items():
+        _no_leftovers(path, what, left)
+    with torch.device("meta"):  # shapes only: no random init, no second copy; the checkpoint tensors are adopted
+        unet = UNet2DConditionModel(**cfg.unet)
+        te1 = CLIPTextModel(CLIPTextConfig(**cfg.te1, **ids))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg.te2, **ids))
+        vae = AutoencoderKL(**cfg.vae)
+    try:
+        sds = convert.to_diffusers(sd, cfg.unet, cfg.vae, te2)
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ModelError(f"{path}: the checkpoint does not convert to the inferred SDXL layout ({exc!r})") from exc
+    del sd
+    unet = _adopt(unet, sds.pop("unet"), dtype, path, "UNet")
+    te1 = _adopt(te1, sds.pop("te1"), dtype, path, "CLIP-L", te=True)
+    te2 = _adopt(te2, sds.pop("te2"), dtype, path, "bigG", te=True)
+    vae = _adopt(vae, sds.pop("vae"), vae_dtype, path, "VAE")
     sched = dict(SDXL_SCHEDULER, prediction_type=cfg.prediction_type, rescale_betas_zero_snr=cfg.zero_terminal_snr)
     return SDXLModel(
         unet=unet,
@@ -133,18 +137,17 @@ def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
     )
 
 
-def _read_components(path: str, dtype, vae_dtype) -> dict[str, dict]:
-    """The four components' tensors, already in their load dtype, owned and aligned (tensor_file)."""
+def _read_tensors(path: str, dtype, vae_dtype) -> dict[str, torch.Tensor]:
+    """The four components' tensors (prefixed keys), in their load dtype, owned and aligned (tensor_file)."""
     prefixes = (K.UNET_PREFIX, K.TE1_PREFIX, K.TE2_PREFIX)
 
     def dtype_of(key: str):
         return dtype if key.startswith(prefixes) else vae_dtype if key.startswith(K.VAE_PREFIX) else None
 
     try:
-        sd = tensor_file.read_tensors(path, dtype_of)
+        return tensor_file.read_tensors(path, dtype_of)
     except Exception as exc:
         raise ModelError(f"{path}: failed reading tensors ({exc}); the file may be truncated") from exc
-    return convert.split_components(sd)
 
 
 def _no_leftovers(path: str, what: str, left: list[str]) -> None:
@@ -154,10 +157,8 @@ def _no_leftovers(path: str, what: str, left: list[str]) -> None:
         )
 
 
-def _assemble(factory, sd: dict, dtype, path: str, what: str, te: bool = False):
-    """Build on the meta device (no random init, no second copy) and adopt the checkpoint tensors."""
-    with torch.device("meta"):
-        net = factory()
+def _adopt(net, sd: dict, dtype, path: str, what: str, te: bool = False):
+    """Give a module built on the meta device the checkpoint's tensors (owned, in `dtype`)."""
     if te:
         sd = convert.te_keys_for(sd, net)
     sd = {k: v if _is_whole(v, dtype) else owned(v, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
