@@ -182,7 +182,10 @@ def _run(cfg, progress: bool):
 def _print_summary(result) -> None:
     s = result.summary
     lines = [f"LoRA: {result.lora_path}", f"run:  {result.run_dir}",
-             f"steps: {result.steps_done} ({result.stop_reason}), skipped: {result.skipped_steps}"]
+             f"steps: {result.steps_done} ({result.stop_reason}), skipped: {result.skipped_steps}"
+             + (f", rolled back: {result.rolled_back}" if getattr(result, "rolled_back", 0) else "")]
+    if getattr(result, "message", None):
+        lines.append(result.message)  # e.g. diverged: the optimizer, the step and what to try
     if "loss_start" in s:
         lines.append(f"loss: {s['loss_start']:.4f} -> {s['loss_end']:.4f} (min {s['loss_min']:.4f})")
     if "eval_loss_start" in s:
