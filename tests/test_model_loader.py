@@ -55,7 +55,7 @@ def test_tiny_is_small_deterministic_and_cached(tiny_path, tmp_path):
     a, b = build_tiny_sdxl(tmp_path / "a.safetensors"), build_tiny_sdxl(tmp_path / "b.safetensors")
     digest = [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (a, b, tiny_path)]
     assert digest[0] == digest[1] == digest[2]
-    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]  # the atomic writer's temporaries
     assert tiny_model_path() == tiny_path
 
 
