@@ -312,3 +312,21 @@ def test_panel_start_form_gpus_field_starts_the_run_under_torchrun(tmp_path, mon
     assert msg.startswith("started `multi`"), msg
     assert started[0][2:5] == ["torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert started[0][5:8] == ["-m", "trainer", "train"]
+
+
+def test_a_host_follows_a_two_rank_child_run_and_stops_it(tmp_path):
+    """What a ComfyUI node with gpus=2 does: run_child starts torchrun, relays each step, Stops via the control file."""
+    from trainer.launch import run_child
+
+    cfg = tiny_config(tmp_path, optimizer="EmoNavi", batch_size=1, steps=500)
+    records = []
+    result = run_child(cfg, 2, on_step=records.append, should_stop=lambda: len(records) >= 2, poll_s=0.2)
+    assert result.stop_reason == "stopped" and 2 <= result.steps_done < 500
+    assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+    assert all(r["steps_total"] == 500 and r["run_dir"] == result.run_dir for r in records)
+    assert Path(result.lora_path).is_file() and result.lora_path in result.saved
+    from trainer.runstore import RunReader
+
+    reader = RunReader(result.run_dir)
+    assert reader.meta()["world_size"] == 2
+    reader.close()
