@@ -40,6 +40,19 @@ def _preset_tooltip() -> str:
     return "\n".join(lines)
 
 
+def _gpus_input() -> list:
+    """The gpus input, offered only when more than one CUDA device is visible: > 1 trains under torchrun in a
+    child process, one GPU per process (trainer/launch.py), followed like an in-process run."""
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n < 2:
+        return []
+    return [io.Int.Input("gpus", default=1, min=1, max=n, optional=True,
+                         tooltip="GPUs to train on (torchrun, one process each); the global batch is batch_size x "
+                                 "gpus x grad_accum.")]
+
+
 class EmoLoRATrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -90,6 +103,7 @@ class EmoLoRATrainer(io.ComfyNode):
                              tooltip="Preview width and height; 0 = the training resolution."),
                 io.Int.Input("sample_steps", default=20, min=1, max=200),
                 io.String.Input("output_name", default="emolora"),
+                *_gpus_input(),
             ],
             outputs=[
                 io.String.Output("lora_name", display_name="lora_name"),
@@ -105,7 +119,7 @@ class EmoLoRATrainer(io.ComfyNode):
     def execute(cls, ckpt_name, dataset, optimizer, preset, network, dora, rslora, rank, alpha, conv_rank,
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
-                sample_steps, output_name) -> io.NodeOutput:
+                sample_steps, output_name, gpus=1) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -142,7 +156,7 @@ class EmoLoRATrainer(io.ComfyNode):
         out = run_training(checkpoint=checkpoint, dataset=dataset, optimizer=optimizer, lora_dir=lora_dir,
                            runs_dir=os.path.join(work, "runs"), cache_dir=os.path.join(work, "cache"),
                            output_name=output_name, node_id=node_id, device=comfy_device(), progress=progress,
-                           preset=None if preset == NO_PRESET else preset,
+                           preset=None if preset == NO_PRESET else preset, gpus=int(gpus or 1),
                            check_cancel=comfy.model_management.throw_exception_if_processing_interrupted, **options)
         cfg = out["config"]
         samples = to_image_batch(out["samples"], fallback_size=cfg.sample_size or 64)

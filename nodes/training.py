@@ -127,13 +127,35 @@ def expected_errors() -> tuple:
     return ConfigError, DatasetError, ImageError, ModelError, LoRAError
 
 
+def _train_in_child(config, gpus: int, on_step, check_cancel, stop_types: list):
+    """run_child with ComfyUI's interrupt check polled between steps too (Cancel during the set-up)."""
+    from ..trainer.launch import run_child
+
+    cancel: list = []
+
+    def cancelled() -> bool:
+        if check_cancel is not None and not cancel:
+            try:
+                check_cancel()
+            except BaseException as e:
+                stop_types.append(type(e))
+                cancel.append(e)
+        return bool(cancel)
+
+    result = run_child(config, gpus, on_step=on_step, should_stop=cancelled)
+    if cancel:
+        raise cancel[0]
+    return result
+
+
 def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerSpec, lora_dir: str, runs_dir: str,
                  cache_dir: str, output_name: str, node_id=None, progress=None, check_cancel=None,
-                 device: str = "auto", preset: str | None = None, **options) -> dict:
+                 device: str = "auto", preset: str | None = None, gpus: int = 1, **options) -> dict:
     """Build the TrainConfig (the training `preset`, then the optimizer's presets, then the node's values: the
     CLI's merge order) and train. progress(step, total, preview=None) may raise to stop (the LoRA is saved
     first); at a sample step `preview` is the set's strip image. check_cancel() may raise during the set-up
-    (model load, caching), before there is a LoRA to save.
+    (model load, caching), before there is a LoRA to save. gpus > 1: the CLI under torchrun in a child process,
+    followed through its run store (trainer/launch.py); Cancel stops it through the control file.
     Returns {lora_path, lora_name, run_dir, steps_done, stop_reason, samples, config}."""
     import torch
 
@@ -193,7 +215,10 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     cancelled: type | None = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            result = train(config, on_step=on_step, on_setup=on_setup)
+            if gpus > 1:
+                result = _train_in_child(config, gpus, on_step, check_cancel, stop_types)
+            else:
+                result = train(config, on_step=on_step, on_setup=on_setup)
     except errors as e:
         failure = fail("Trainer", e)
     except BaseException as e:

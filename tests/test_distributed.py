@@ -330,3 +330,46 @@ def test_a_host_follows_a_two_rank_child_run_and_stops_it(tmp_path):
     reader = RunReader(result.run_dir)
     assert reader.meta()["world_size"] == 2
     reader.close()
+
+
+def test_comfy_trainer_with_two_gpus_trains_in_a_torchrun_child_and_cancel_saves(tmp_path, monkeypatch):
+    """The Trainer node's gpus=2 path (nodes/training.py): steps relayed to the progress bar, Cancel stops the
+    child through the control file and the LoRA so far is saved, as for an in-process run."""
+    from PIL import Image
+    from test_comfy_nodes import _spec, sub
+
+    from trainer.model import tiny_model_path
+    from trainer.runstore import RunReader
+
+    training = sub("nodes.training")
+    events = []
+    monkeypatch.setattr(training, "send_event", lambda name, data: events.append((name, data)))
+    for i in range(2):
+        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("tiny")
+    dataset = sub("nodes.dataset_spec").build_dataset(str(tmp_path), 64, False, 64, 1, False)
+
+    class Cancelled(Exception):  # stands in for ComfyUI's InterruptProcessingException
+        pass
+
+    seen = []
+
+    def cancel_at_2(step, total, preview=None):
+        seen.append(step)
+        if step == 2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        training.run_training(checkpoint=tiny_model_path(), dataset=dataset, optimizer=_spec("EmoNavi"),
+                              lora_dir=str(tmp_path / "loras"), runs_dir=str(tmp_path / "runs"),
+                              cache_dir=str(tmp_path / "cache"), output_name="multi", node_id="3", device="cpu",
+                              progress=cancel_at_2, rank=4, steps=50, batch_size=1, mixed_precision="no",
+                              gradient_checkpointing=False, gpus=2)
+    assert seen == [1, 2]
+    assert (tmp_path / "loras" / "multi_00001.safetensors").is_file()
+    assert events[-1][1]["status"] == "interrupted"
+    run_dir = next(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    reader = RunReader(run_dir)
+    meta = reader.meta()
+    reader.close()
+    assert meta["world_size"] == 2 and meta["stop_reason"] == "stopped" and meta["steps_done"] < 50
