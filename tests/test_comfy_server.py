@@ -159,8 +159,7 @@ def test_extension_and_templates_are_served(comfy):
 
 
 def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
-    """The example graph end to end (train with a preview, load the file, sample), then the stock LoraLoader
-    loads the LoRA with every key used."""
+    """The example graph end to end: train, load the file with every key used, sample; LoraLoader lists it."""
     mark = len(comfy.log_text())
     prompt = example_prompt(object_info, data=str(dataset_dir))
     run = comfy.run_prompt(prompt, timeout=1500)
@@ -181,14 +180,11 @@ def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
     shown = history["outputs"][trainer_id]  # the status text on the node
     assert f"e2e_00001.safetensors: {STEPS} steps (finished)" in shown["text"][0]
     assert_no_unloaded_keys(comfy, mark)
-    # the stock LoraLoader lists and loads the trained file
+    # the stock LoraLoader lists the trained file (it loads with comfy.sd.load_lora_for_models, which the graph's
+    # loader just used with every key; the interrupt test runs the stock node itself)
     info = comfy.get_json("/object_info/LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"]
     options = info[0] if isinstance(info[0], list) else info[1]["options"]
     assert "e2e_00001.safetensors" in options
-    mark = len(comfy.log_text())
-    run2 = comfy.run_prompt(stock_lora_prompt("e2e_00001.safetensors"), timeout=900)
-    assert run2.outcome == "execution_success", (run2.of_type("execution_error"), comfy.log_tail())
-    assert_no_unloaded_keys(comfy, mark)
 
 
 def test_interrupt_saves_a_loha_the_stock_loader_loads(comfy, dataset_dir):
