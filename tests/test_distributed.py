@@ -249,6 +249,7 @@ def test_panel_stop_ends_every_rank_at_the_same_step_and_a_different_world_resum
 
     with safe_open(cfg.output, "pt") as f:
         assert int(f.metadata()["ss_steps"]) == done
+        assert int(f.metadata()["ss_total_batch_size"]) == 2  # 1 per rank x 2 ranks
     # A different number of processes (1) continues from the same save.
     r = _run([sys.executable, "-m", "trainer", "train", "--resume", str(run_dir), "--steps", str(done + 1),
               "--threads", "1", "--no-progress"])

@@ -6,6 +6,7 @@ The resumable training state (weights, optimizer, RNGs, position) is state.py's 
 import logging
 from pathlib import Path
 
+from .distributed import world_size
 from .parts import DTYPES, LoopState, RunSetup
 
 log = logging.getLogger("emolora.train")
@@ -57,7 +58,7 @@ def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason, summary: di
         cache_latents=cfg.cache_latents != "off", noise_offset=cfg.noise_offset or None,
         min_snr_gamma=cfg.min_snr_gamma or None, loss_type=cfg.loss_type,
         huber_c=cfg.huber_c if cfg.loss_type == "huber" else None, batch_size_per_device=cfg.batch_size,
-        total_batch_size=cfg.batch_size * cfg.grad_accum, num_batches_per_epoch=len(data),
+        total_batch_size=cfg.batch_size * cfg.grad_accum * world_size(), num_batches_per_epoch=len(data),
         enable_bucket=cfg.enable_buckets, bucket_info={"buckets": buckets},
         min_bucket_reso=min(min(b) for b in data.buckets),
         max_bucket_reso=max(max(b) for b in data.buckets), keep_tokens=cfg.keep_tokens,

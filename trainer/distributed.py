@@ -50,6 +50,11 @@ class LockstepError(RuntimeError):
     """The ranks' LoRA or optimizer state differ, or a peer failed during a collective."""
 
 
+def world_size() -> int:
+    """Processes training this LoRA together (1 unless a process group is up): the global batch's factor."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
 def launched_world() -> tuple[int, int, int]:
     """(rank, world size, local rank) as torchrun / accelerate launch set them; (0, 1, 0) otherwise."""
     try:

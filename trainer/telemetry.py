@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from .distributed import world_size
 from .parts import LoopState, RunSetup
 from .runstore import RunReader
 
@@ -45,7 +46,8 @@ def step_record(cfg, run: RunSetup, loop: LoopState, step_times, *, loss: float,
     record = {"loss": loss, "lr": float(opt.param_groups[0]["lr"]), "grad_norm": grad_norm,
               "skipped": not finite, "skipped_total": loop.skipped, "epoch": loop.epoch,
               "step_time": step_times[-1], "steps_per_s": sps,
-              "samples_per_s": sps * cfg.batch_size * cfg.grad_accum, "eta_s": (cfg.steps - loop.step) / sps,
+              "samples_per_s": sps * cfg.batch_size * cfg.grad_accum * world_size(),  # the global batch
+              "eta_s": (cfg.steps - loop.step) / sps,
               **memory(run.device)}
     if scale:
         record["grad_scale"] = scale[0]
