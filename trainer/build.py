@@ -217,6 +217,7 @@ def build_data(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, items, store:
     onload(dev, m.vae, m.te1, m.te2)
     t0 = time.perf_counter()
     encoded = data.fill_caches(progress)
+    keep_caches_on_device(dev, data.latent_cache, data.text_cache)
     if bar is not None:
         bar.close()
     if any(encoded.values()):
@@ -227,6 +228,23 @@ def build_data(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, items, store:
     store.set_meta(buckets={f"{w}x{h}": n for (w, h), n in data.bucket_counts().items()},
                    batches_per_epoch=len(data))
     return data, eval_batch
+
+
+def keep_caches_on_device(device: torch.device, *caches, share: float = 0.25) -> bool:
+    """Memory caches that together take at most `share` of the accelerator's free memory move onto it, so a
+    batch is stacked there (no host copy per step); otherwise batches travel through pinned memory."""
+    caches = [c for c in caches if c is not None and c.mode == "memory"]
+    if device.type != "cuda" or not caches:
+        return False
+    need, (free, _) = sum(c.nbytes() for c in caches), torch.cuda.mem_get_info(device)
+    if need > share * free:
+        log.info("feature caches (%.0f MiB) stay in host memory: more than %d%% of the free GPU memory",
+                 need / 2**20, share * 100)
+        return False
+    for c in caches:
+        c.move_to(device)
+    log.info("feature caches (%.0f MiB) kept on %s", need / 2**20, device)
+    return True
 
 
 def make_eval_batch(data, size: int, model, device: torch.device):

@@ -42,7 +42,18 @@ class FeatureCache:
         self.mode = mode
         self.directory = Path(directory) if directory is not None else None
         self._mem: dict[str, dict[str, torch.Tensor]] = {}
+        self.device = torch.device("cpu")  # where memory entries live (the GPU when they fit: move_to)
         self.hits = self.misses = 0
+
+    def nbytes(self) -> int:
+        """Bytes held in memory."""
+        return sum(v.numel() * v.element_size() for entry in self._mem.values() for v in entry.values())
+
+    def move_to(self, device) -> None:
+        """Keep the memory entries (and later ones) on `device`: batches are then stacked there, no copy per
+        step. For a memory cache that fits on the accelerator."""
+        self.device = torch.device(device)
+        self._mem = {k: {n: v.to(self.device) for n, v in entry.items()} for k, entry in self._mem.items()}
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
@@ -71,6 +82,6 @@ class FeatureCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         if self.mode == "memory":
-            self._mem[key] = tensors
+            self._mem[key] = {k: v.to(self.device) for k, v in tensors.items()}
             return
         atomic_write(self._path(key), lambda tmp: save_file(tensors, tmp, metadata={"key": key}))

@@ -179,7 +179,7 @@ class TrainingData:
                 if entry is None:  # e.g. a disk entry deleted while training: encode it now
                     lat = self._encode_pixels([i], [crop])[0]
                     self.latent_cache.put(self._latent_key(i, crop), {"latents": lat})
-                    entry = {"latents": lat}
+                    entry = {"latents": lat.to(self.latent_cache.device)}  # where the other entries are
                 latents.append(entry["latents"])
             latents = torch.stack(latents)
         else:
@@ -194,6 +194,7 @@ class TrainingData:
                     e, p = self.encode_text([c])
                     entry = {"prompt_embeds": e[0], "pooled": p[0]}
                     self.text_cache.put(self._text_key(c), entry)
+                    entry = {k: v.to(self.text_cache.device) for k, v in entry.items()}  # beside the others
                 embeds.append(entry["prompt_embeds"])
                 pooled.append(entry["pooled"])
             batch.prompt_embeds, batch.pooled = torch.stack(embeds), torch.stack(pooled)
