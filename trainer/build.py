@@ -230,8 +230,9 @@ def build_data(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, items, store:
     return data, eval_batch
 
 
-def keep_caches_on_device(device: torch.device, *caches, share: float = 0.25) -> bool:
-    """Memory caches that together take at most `share` of the accelerator's free memory move onto it, so a
+def keep_caches_on_device(device: torch.device, *caches, share: float = 0.1) -> bool:
+    """Memory caches that together take at most `share` of the accelerator's free memory (measured before the
+    UNet arrives: a margin for it and its activations) move onto it, so a
     batch is stacked there (no host copy per step); otherwise batches travel through pinned memory."""
     caches = [c for c in caches if c is not None and c.mode == "memory"]
     if device.type != "cuda" or not caches:
