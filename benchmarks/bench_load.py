@@ -5,10 +5,11 @@
     python benchmarks/bench_load.py --tree /tmp/old-checkout        # the same figures for another source tree
 
 Every measurement runs in a fresh subprocess (imports excluded from the time); load_s is wall time, cpu_s the
-process's CPU time (user + system, the figure to compare on a busy machine), the run with the least CPU is shown. Memory is sampled from
-/proc/self/status every 5 ms: peak VmRSS, and peak RssAnon (the process's own memory; RssFile is the page
-cache of the mapped checkpoint, which the kernel can drop). Hash figures: the whole-file SHA-256 the first
-time (throughput in MB/s) and the cached look-up a second start does. Prints one JSON line per case.
+process's CPU time (user + system, the figure to compare on a busy machine), the run with the least CPU is
+shown. Memory is sampled from /proc/self/status every 5 ms: peak VmRSS, and peak RssAnon (the process's own
+memory; RssFile is the page cache of the mapped checkpoint, which the kernel can drop). Hash figures: the
+whole-file SHA-256 the first time (throughput in MB/s) and the cached look-up a second start does.
+Prints one JSON line per case.
 """
 
 import argparse

@@ -73,7 +73,12 @@ def test_validation_loss_is_logged_on_held_out_images(tmp_path):
 def test_validation_folder_and_val_plateau_stop(tmp_path, monkeypatch):
     val_dir = make_dataset(tmp_path / "val", n=2)
     values = iter([1.0, 0.9, 0.95, 0.97, 0.99, 1.2, 1.3])
-    monkeypatch.setattr(Trainer, "validate", lambda self: next(values))
+    import trainer.train as train_module
+
+    real = train_module.fixed_loss
+    monkeypatch.setattr(train_module, "fixed_loss",
+                        lambda cfg, run, batches, tag: next(values) if tag == "validation" else
+                        real(cfg, run, batches, tag))
     result = train(tiny_config(tmp_path, steps=12, validation_data=str(val_dir), validation_every=1,
                                auto_stop="stop", auto_stop_on="val-plateau", val_patience=3))
     # minimum 0.9 at step 1; steps 2, 3, 4 make no new minimum -> stop after step 4, LoRA saved

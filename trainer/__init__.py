@@ -5,6 +5,8 @@ Module map (what each module owns):
 - parts.py: the run's explicit parts (Runtime, LoadedModel, RunSetup, LoopState, Hooks).
 - build.py: making the parts (scan, device/precision, model, run folder, network, data and caches, optimizer).
 - train.py: Trainer, the loop: micro-batches, the step's host read, the optimizer step, stop rules, saves.
+- losses.py: the training loss of a batch, the fixed-noise evaluation and validation losses.
+- rollback.py: the finiteness probe of the LoRA and the rollback of a non-finite update.
 - state.py: the resumable state file (state.pt); checkpoint.py: LoRA files and their kohya metadata.
 - telemetry.py: step records, memory, progress bar, TensorBoard, the run summary; samples.py: preview images.
 - placement.py: which device and mode the model's modules are in; diffusion.py: noise schedule and losses.
@@ -12,7 +14,8 @@ Module map (what each module owns):
 - atomic.py: the one atomic file writer.
 - distributed.py: several processes in lockstep (torchrun/accelerate): process group, batch shards, the step's
   gradient+loss all-reduce, rank-0-only writes, shared control, lockstep checksum; launch.py: the torchrun command.
-- model/: loading SDXL checkpoints, the LoRA network, kohya export; data/: dataset scan, buckets, caches.
+- model/: loading SDXL checkpoints, the adapters (LoRA/LoHa/LoKr, DoRA), kohya export; data/: dataset scan,
+  validation split, masks, buckets, caches.
 - optim/: the optimizers (one module each over shared mechanics).
 
 Kept import-light on purpose: ComfyUI imports this package at start-up, so heavy libraries

@@ -18,9 +18,9 @@ import torch
 
 from .atomic import atomic_write_text
 from .config import ConfigError, TrainConfig
-from .data import FeatureCache, TrainingData, scan_dataset
+from .data import FeatureCache, TrainingData, scan_dataset, split_validation
 from .diffusion import NoiseSchedule
-from .parts import DTYPES, Hooks, LoadedModel, Runtime
+from .parts import Hooks, LoadedModel, Runtime
 from .placement import offload_cached_encoders, onload
 from .runstore import ControlPoller, RunReader, RunStore
 from .state import STATE_FILE
@@ -31,22 +31,65 @@ log = logging.getLogger("emolora.train")
 
 def scan_and_place(cfg: TrainConfig):
     """The cheap part of setup, before any model loads: validate, scan the data (a bad or empty folder fails in
-    a second, not after a multi-GB checkpoint), pick device and precision, resolve the LR.
-    -> (cfg, items, report, runtime)."""
+    a second, not after a multi-GB checkpoint), hold out the validation images, pick device and precision,
+    resolve the LR. -> (cfg, training items, validation items, report, runtime)."""
     cfg = cfg.validate(require_paths=not cfg.resume)
     if cfg.resume and not (Path(cfg.resume) / "state" / STATE_FILE).is_file():
         raise ConfigError(f"resume: no saved training state in {cfg.resume} (expected state/{STATE_FILE})")
     if not Path(cfg.model).expanduser().exists():
         raise ConfigError(f"model not found: {cfg.model}")
     items, report = scan_dataset(cfg.data, caption_extensions=cfg.caption_extensions,
-                                 default_repeats=cfg.default_repeats)
+                                 default_repeats=cfg.default_repeats, mask=cfg.mask)
+    items, val_items = hold_out_validation(cfg, items, report)
     device = pick_device(cfg.device)
     runtime = Runtime(device, pick_precision(cfg.mixed_precision, device))
     if cfg.lr is None:
         from .optim import OPTIMIZER_INFO
 
         cfg = cfg.replace(lr=OPTIMIZER_INFO[cfg.optimizer].recommended_lr)
-    return cfg, items, report, runtime
+    return cfg, items, val_items, report, runtime
+
+
+def hold_out_validation(cfg: TrainConfig, items, report) -> tuple[list, list]:
+    """-> (training items, validation items): a seeded share of the data, or a separate folder. The report
+    counts only what trains and names what was held out."""
+    if cfg.validation_data:
+        val_items, val_report = scan_dataset(cfg.validation_data, caption_extensions=cfg.caption_extensions,
+                                             default_repeats=1, mask=cfg.mask)
+        report.add(Path(cfg.validation_data), "note", f"validation set: {val_report.summary()}")
+        return items, val_items
+    items, val_items = split_validation(items, cfg.validation_split, cfg.seed)
+    if val_items:
+        report.images -= len(val_items)
+        report.samples_per_epoch -= sum(it.repeats for it in val_items)
+        names = ", ".join(it.image.name for it in val_items)
+        report.add(Path(report.root), "note", f"validation split: {len(val_items)} images held out ({names})")
+    return items, val_items
+
+
+def build_validation(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, data, val_items) -> list:
+    """The validation batches: every held-out image once, centred, unaugmented, its text encoded once; features
+    go through the training data's caches (keyed by content)."""
+    from . import model as M
+
+    if not val_items:
+        return []
+    m = loaded.model
+    val = TrainingData(val_items, cfg.replace(flip_aug=False, random_crop=False), encode_images=data.encode_images,
+                       encode_text=data.encode_text, model_hash=data.model_hash, latent_cache=data.latent_cache,
+                       text_cache=data.text_cache, vae_dtype=data.vae_dtype, te_dtype=data.te_dtype)
+    onload(rt.device, m.vae, m.te1, m.te2)
+    try:
+        val.fill_caches()
+        batches = val.fixed_batches(cfg.batch_size)
+        for b in batches:
+            if b.prompt_embeds is None:
+                with torch.no_grad():
+                    b.prompt_embeds, b.pooled = M.encode_prompts(m, b.captions, device=rt.device)
+            b.prompt_embeds, b.pooled = b.prompt_embeds.detach(), b.pooled.detach()
+    finally:
+        offload_cached_encoders(cfg, rt.device, m)
+    return batches
 
 
 def pick_device(name: str) -> torch.device:
@@ -302,7 +345,3 @@ def signal_names(cfg: TrainConfig) -> list:
     info = OPTIMIZER_INFO.get(cfg.optimizer)
     return list(info.signals) if info else []
 
-
-__all__ = ["DTYPES", "build_data", "build_pulse", "build_scaler", "load_model", "make_network", "make_optimizer",
-           "open_run", "pick_device", "pick_precision", "prepare_model", "scan_and_place", "seed_everything",
-           "signal_names", "step_signature", "trainable_params", "warn_if_schedule_ignored"]

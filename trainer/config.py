@@ -22,7 +22,8 @@ OPTIMIZER_NAMES = (
     "EmoNavi", "EmoFact", "EmoLynx", "EmoClan", "EmoZeal", "EmoNeco", "EmoSens", "EmoAiry", "EmoCats", "EmoTion",
     "EmoVoid", "RefAdamWminiScheduleFree", "AutoTrustGO", "AdamW",
 )
-PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", "resume", "network_weights")
+PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", "resume", "validation_data",
+               "network_weights")
 
 _CHOICES = {
     "network": ("lora", "loha", "lokr"),
@@ -36,6 +37,8 @@ _CHOICES = {
     "cache_text": ("off", "memory", "disk"),
     "save_dtype": ("fp32", "fp16", "bf16"),
     "auto_stop": ("stop", "mark", "off"),
+    "auto_stop_on": ("should_stop", "val-plateau"),
+    "mask": ("off", "file", "alpha"),
 }
 
 
@@ -135,6 +138,15 @@ class TrainConfig:
     sample_seed: int = 0
     sample_size: int | None = None  # None: resolution
     tensorboard: bool = False  # also write TensorBoard events (when tensorboard is installed)
+    # ---- validation and masked loss
+    validation_split: float = 0.0  # fraction of the images held out of training (picked by seed); 0: none
+    validation_data: str | None = None  # a folder of held-out images instead of a split
+    validation_every: int = 0  # steps between validation losses; 0: eval_every, else 50
+    # What auto_stop acts on: the optimizer's should_stop, or a validation loss that made no new minimum for
+    # val_patience validations in a row ("val-plateau").
+    auto_stop_on: str = "should_stop"
+    val_patience: int = 5
+    mask: str = "off"  # masked loss: "file" (<stem>_mask.png beside the image) or "alpha" (its alpha channel)
     comment: str = ""
 
     # ------------------------------------------------------------------------------------------------------
@@ -143,6 +155,17 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return _from_dict({**self.to_dict(), **changes}, "replace()")
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_split or self.validation_data)
+
+    @property
+    def validation_interval(self) -> int:
+        """Steps between validation losses (0: no validation)."""
+        if not self.has_validation:
+            return 0
+        return self.validation_every or self.eval_every or 50
 
     @property
     def network_alpha(self) -> float:
@@ -206,6 +229,17 @@ class TrainConfig:
                 if getattr(self, name):
                     raise ConfigError(f"{name} needs cache_text='off': cached text-encoder outputs are of one "
                                       "fixed caption from frozen encoders")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"validation_split must be in [0, 1), got {self.validation_split}")
+        if self.validation_split and self.validation_data:
+            raise ConfigError("validation_split and validation_data exclude each other: hold out a share of data "
+                              "or name a separate folder")
+        if self.validation_every < 0 or self.val_patience < 1:
+            raise ConfigError(f"validation_every must be >= 0 and val_patience >= 1, got {self.validation_every} "
+                              f"and {self.val_patience}")
+        if self.auto_stop_on == "val-plateau" and not self.has_validation:
+            raise ConfigError("auto_stop_on='val-plateau' needs validation images (validation_split or "
+                              "validation_data)")
         if self.sample_every and not self.sample_prompts:
             raise ConfigError("sample_every needs sample_prompts (a list of prompts)")
         if not all(isinstance(p, str) for p in self.sample_prompts):

@@ -55,6 +55,7 @@ class RunSetup:
     pulse: Any  # EmoPulseScheduler or None
     scaler: Any  # torch.amp.GradScaler (fp16) or None
     started_at: float  # the run's first start (kept across resumes)
+    val_batches: tuple = ()  # the held-out validation images as fixed batches (empty: no validation)
 
     @property
     def device(self) -> torch.device:
@@ -75,13 +76,15 @@ class LoopState:
     rolled_back: int = 0  # updates undone because they made the LoRA non-finite (trainer/rollback.py)
     consecutive_bad: int = 0  # such updates in a row: the run stops as "diverged" at cfg.max_consecutive_bad_steps
     should_stop_prev: bool = False  # the optimizer's should_stop at the last step (events fire on changes)
+    val_best: float | None = None  # the lowest validation loss so far
+    val_stale: int = 0  # validations since val_best was set (val-plateau stops at val_patience)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> LoopState:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass

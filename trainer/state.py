@@ -89,7 +89,8 @@ def save_trainer_state(run: RunSetup, loop: LoopState, store, rank_rngs: list | 
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": rng_state(),
         "counters": {"skipped": loop.skipped, "consecutive_skips": loop.consecutive_skips,
-                     "should_stop_prev": loop.should_stop_prev, "rolled_back": loop.rolled_back,
+                     "should_stop_prev": loop.should_stop_prev, "val_best": loop.val_best,
+                     "val_stale": loop.val_stale, "rolled_back": loop.rolled_back,
                      "consecutive_bad": loop.consecutive_bad},
         "dataset": dataset_fingerprint(run.items),
     }
@@ -120,7 +121,8 @@ def restore_trainer_state(cfg, run: RunSetup, store, rank: int = 0, world: int =
     c = state["counters"]
     loop = LoopState(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
                      skipped=c["skipped"], consecutive_skips=c["consecutive_skips"],
-                     should_stop_prev=c["should_stop_prev"], rolled_back=c.get("rolled_back", 0),
+                     should_stop_prev=c["should_stop_prev"], val_best=c.get("val_best"),
+                     val_stale=c.get("val_stale", 0), rolled_back=c.get("rolled_back", 0),
                      consecutive_bad=c.get("consecutive_bad", 0))
     if state.get("dataset") != dataset_fingerprint(run.items):
         log.warning("resume: the dataset changed since the state was saved; the data order will differ")

@@ -16,8 +16,6 @@ state.py saves). The rest lives beside it: checkpoint.py (LoRA files), telemetry
 samples.py (preview images).
 """
 
-import contextlib
-import hashlib
 import logging
 import math
 import threading
@@ -30,9 +28,10 @@ import torch
 
 from . import build, checkpoint, distributed, telemetry
 from .config import TrainConfig
-from .diffusion import draw_noise, per_sample_loss
+from .diffusion import draw_noise
+from .losses import diffusion_loss, fixed_loss, mix_seed, note_validation
 from .parts import Hooks, LoadedModel, LoopState, RunSetup, Runtime
-from .placement import evaluating, to_device
+from .placement import to_device
 from .rollback import UpdateGuard
 from .runstore import RunStore
 from .state import STATE_FILE, restore_trainer_state, rng_state, save_trainer_state, set_rng_state
@@ -47,7 +46,7 @@ class TrainResult:
     lora_path: str | None  # the final LoRA (None if the run failed before saving one)
     run_dir: str
     steps_done: int
-    stop_reason: str | None  # finished, stopped, should_stop, nonfinite, diverged, interrupted; None while paused
+    stop_reason: str | None  # finished/stopped/should_stop/val_plateau/nonfinite/diverged/interrupted; None: paused
     skipped_steps: int  # steps skipped for a non-finite loss or gradient
     saved: list = field(default_factory=list)  # every LoRA file written
     summary: dict = field(default_factory=dict)  # loss start/end/min, eval loss, signal ranges, speed, memory
@@ -65,12 +64,6 @@ def train(config: TrainConfig, *, stop_event: threading.Event | None = None, on_
     finally:
         trainer.close()
         trainer.release()
-
-
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers; neighbouring steps get unrelated generators."""
-    digest = hashlib.blake2b(b"|".join(str(v).encode() for v in values), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
@@ -135,7 +128,7 @@ class Trainer:
         Cheap failures come first; a failure after the run folder exists is recorded in it."""
         with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes under inference_mode
             self.cfg, self.dist = distributed.setup(self.cfg)  # a no-op unless launched with WORLD_SIZE > 1
-            cfg, items, report, rt = build.scan_and_place(self.cfg)
+            cfg, items, val_items, report, rt = build.scan_and_place(self.cfg)
             self.cfg = cfg
             self.hooks.setup_phase("model", 0, 1)
             loaded = self.load_model(rt)  # a bad checkpoint fails here, before a run folder exists for it
@@ -143,7 +136,7 @@ class Trainer:
             self.store, self.control, started_at = self._open_run(cfg, rt, report)
             self.run_dir = self.store.run_dir
             try:
-                self.built = self._build_training(rt, loaded, items, report, started_at)
+                self.built = self._build_training(rt, loaded, items, val_items, report, started_at)
                 self._start_or_resume()
             except BaseException as e:
                 self._fail(e)
@@ -179,13 +172,15 @@ class Trainer:
         """The optimizer over the LoRA parameters or param groups."""
         return build.make_optimizer(self.cfg, params)
 
-    def _build_training(self, rt: Runtime, loaded: LoadedModel, items, report, started_at: float) -> RunSetup:
+    def _build_training(self, rt: Runtime, loaded: LoadedModel, items, val_items, report,
+                        started_at: float) -> RunSetup:
         """Everything after the model and the run folder: LoRA, data and caches, optimizer, LR pulse, fp16 scaler."""
         cfg = self.cfg
         build.seed_everything(cfg.seed)
         network = build.make_network(cfg, loaded.model)
         with self.dist.main_first("caching"):  # rank 0 fills the disk caches, the others then read them
             data, eval_batch = self.build_data(rt, loaded, items)
+            val_batches = build.build_validation(cfg, rt, loaded, data, val_items)
         loaded.model.unet.to(rt.device)
         params = build.trainable_params(network, rt.device)
         groups = params
@@ -198,7 +193,7 @@ class Trainer:
                         data=data, eval_batch=eval_batch, optimizer=optimizer,
                         base_lrs=[g["lr"] for g in optimizer.param_groups], takes_loss=takes_loss,
                         takes_max_steps=takes_max_steps, pulse=build.build_pulse(cfg, optimizer),
-                        scaler=build.build_scaler(rt), started_at=started_at)
+                        scaler=build.build_scaler(rt), started_at=started_at, val_batches=tuple(val_batches))
 
     def _start_or_resume(self) -> None:
         """The saved state (resume) or the step-0 evaluation; then the run's meta and the optional views."""
@@ -210,8 +205,11 @@ class Trainer:
             self.loop = restore_trainer_state(cfg, run, self.store, self.dist.rank, self.dist.world)
         else:
             self.store.event(0, "start", {"lora_params": n, "batches_per_epoch": len(run.data)})
-            if cfg.eval_every:
-                self.store.log_step(0, {"eval_loss": self.evaluate(), "epoch": 0})
+            start = {"eval_loss": self.evaluate()} if cfg.eval_every else {}
+            if run.val_batches:
+                start["val_loss"] = self.validate()
+            if start:
+                self.store.log_step(0, {**start, "epoch": 0})
         self.dist.broadcast_params(run.params)  # every rank starts from rank 0's weights, as under DDP
         if cfg.tensorboard and self.dist.is_main:
             self._tb = telemetry.open_tensorboard(self.run_dir)
@@ -340,45 +338,23 @@ class Trainer:
         latents = to_device(batch.latents, dev, torch.float32)
         # Each sample's noise and timestep from a generator of (seed, step, micro, its row in the global batch):
         # identical after a resume, on any device, and for any number of ranks sharing the batch.
-        seeds = [_mix(cfg.seed, self.loop.step, micro, j) for j in range(batch.offset, batch.offset + b)]
+        seeds = [mix_seed(cfg.seed, self.loop.step, micro, j) for j in range(batch.offset, batch.offset + b)]
         noise, t = draw_noise(latents.shape, seeds, dev, noise_offset=cfg.noise_offset, t_min=cfg.timestep_min,
                               t_max=cfg.timestep_max)  # on the device: no host tensor to copy
         if batch.prompt_embeds is None:
             embeds, pooled = self._encode_prompts(batch.captions, grad=cfg.train_text_encoder)
         else:
             embeds, pooled = to_device(batch.prompt_embeds, dev), to_device(batch.pooled, dev)
-        loss = self._loss(latents, noise, t, embeds, pooled, to_device(batch.time_ids, dev), snr_weighting=True)
+        loss = diffusion_loss(cfg, self.built, latents, noise, t, embeds, pooled, to_device(batch.time_ids, dev),
+                              snr_weighting=True, mask=batch.mask)
         # A shard's share of the global batch mean: the ranks' shares sum (all-reduce) to that mean.
         return loss if rows == b else loss * (b / rows)
-
-    def _loss(self, latents, noise, t, embeds, pooled, time_ids, *, snr_weighting: bool) -> torch.Tensor:
-        cfg, loaded = self.cfg, self.built.loaded
-        schedule, prediction_type = loaded.schedule, loaded.prediction_type
-        noisy = schedule.add_noise(latents, noise, t)
-        target = noise if prediction_type == "epsilon" else schedule.velocity(latents, noise, t)
-        wd = self.built.runtime.weight_dtype
-        with self._autocast():
-            # time_ids stay float32: sizes such as 1333 are not representable in bf16, and the UNet embeds
-            # them sinusoidally in float32 anyway.
-            cond = {"text_embeds": pooled.to(wd), "time_ids": time_ids.float()}
-            pred = loaded.model.unet(noisy.to(wd), t, encoder_hidden_states=embeds.to(wd),
-                                     added_cond_kwargs=cond).sample
-        loss = per_sample_loss(pred, target, cfg.loss_type, cfg.huber_c)
-        if snr_weighting and cfg.min_snr_gamma > 0:
-            loss = loss * schedule.min_snr_weight(t, cfg.min_snr_gamma, prediction_type)
-        return loss.mean()
 
     def _encode_prompts(self, captions, *, grad: bool):
         from . import model as M
 
         with torch.set_grad_enabled(grad):
             return M.encode_prompts(self.built.model, captions, device=self.built.device)
-
-    def _autocast(self):
-        rt = self.built.runtime
-        if rt.precision in ("bf16", "fp16"):
-            return torch.autocast(rt.device.type, dtype=rt.weight_dtype)
-        return contextlib.nullcontext()
 
     def _next_batch(self):
         loop, data = self.loop, self.built.data
@@ -419,6 +395,9 @@ class Trainer:
             self._completed = None
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
             record["eval_loss"] = self.evaluate()
+        every = cfg.validation_interval
+        if every and (step % every == 0 or step == cfg.steps):
+            record["val_loss"] = self.validate()
         self.store.log_step(step, record)
         if self._tb is not None:
             telemetry.log_tensorboard(self._tb, step, record)
@@ -429,7 +408,7 @@ class Trainer:
             if flag:
                 log.info("step %d: the optimizer signals should_stop (auto_stop=%s)", step, mode)
             loop.should_stop_prev = flag
-        if flag and mode == "stop" and step < cfg.steps:
+        if flag and mode == "stop" and cfg.auto_stop_on == "should_stop" and step < cfg.steps:
             self.stop_reason = "should_stop"
         message = self._update_guard().diverged_message(loop)
         if message is not None and self.stop_reason is None:
@@ -475,23 +454,24 @@ class Trainer:
         self.hooks.stop_event.set()
 
     # ---- evaluation and samples ----------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> float:
         """The loss of the fixed evaluation batch at fixed timesteps and noise (no min-SNR weighting)."""
-        run = self.built
-        b, dev = run.eval_batch, run.device
-        n = b.latents.shape[0]
-        ts = torch.linspace(50, 950, 5).round().long()  # spread over the schedule, the same every time
-        latents = b.latents.to(dev, torch.float32).repeat(len(ts), 1, 1, 1)
-        g = torch.Generator().manual_seed(_mix(self.cfg.seed, "eval"))
-        noise = torch.randn(latents.shape, generator=g).to(dev)
-        t = ts.repeat_interleave(n).to(dev)
-        rep = len(ts)
-        with evaluating(run.model.unet, run.network):
-            loss = self._loss(latents, noise, t, b.prompt_embeds.to(dev).repeat(rep, 1, 1),
-                              b.pooled.to(dev).repeat(rep, 1), b.time_ids.to(dev).repeat(rep, 1),
-                              snr_weighting=False)
-        return float(loss)
+        return fixed_loss(self.cfg, self.built, [self.built.eval_batch], "eval")
+
+    def validate(self) -> float:
+        """The loss of the held-out validation images at fixed timesteps and noise: comparable across steps and
+        runs. Under auto_stop_on='val-plateau' (and auto_stop='stop') val_patience validations without a new
+        minimum stop the run."""
+        cfg, loop = self.cfg, self.loop
+        value = fixed_loss(cfg, self.built, self.built.val_batches, "validation")
+        note_validation(loop, value)
+        mode = self.control.state.get("auto_stop") or cfg.auto_stop
+        if cfg.auto_stop_on == "val-plateau" and loop.val_stale >= cfg.val_patience and mode == "stop":
+            log.info("step %d: no new validation minimum for %d validations (best %.5f): stopping", loop.step,
+                     loop.val_stale, loop.val_best)
+            self.store.event(loop.step, "val_plateau", {"best": loop.val_best, "stale": loop.val_stale})
+            self.stop_reason = "val_plateau"
+        return value
 
     def sample(self) -> list:
         """Sample images for cfg.sample_prompts with the LoRA as it is now; saved under samples/."""
