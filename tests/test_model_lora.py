@@ -252,9 +252,18 @@ def _capture_lib_logs():
     handler = logging.StreamHandler(buf)
     handler.setLevel(logging.WARNING)
     loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    # Another test (ComfyUI in-process) may have set these libraries' verbosity to errors only.
+    levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
-    return buf, lambda: [lg.removeHandler(handler) for lg in loggers]
+        lg.setLevel(logging.WARNING)
+
+    def done():
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+
+    return buf, done
 
 
 def _pipeline(model):
