@@ -116,6 +116,7 @@ class DatasetSpec:
     samples_per_epoch: int
     skipped: tuple = ()
     settings: tuple = field(default=())
+    validation_images: int = 0  # held out of training (validation_split) or in the validation folder
 
     def overrides(self) -> dict:
         return {"data": self.folder, **{k: json.loads(v) for k, v in self.settings}}

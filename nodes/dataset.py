@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
+from ..trainer.config import CHOICES
 from ._common import CATEGORY, DATASET_TYPE, PREFIX
 from .dataset_spec import build_dataset, describe
 
@@ -33,6 +34,15 @@ class EmoLoRADataset(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="IMAGE batch to train on instead of a folder."),
                 io.String.Input("captions", optional=True, multiline=True, default="",
                                 tooltip="With images: one caption per line (one per image), or one for all."),
+                io.Combo.Input("mask", options=list(CHOICES["mask"]), default="off", optional=True,
+                               tooltip="Masked loss: file = <name>_mask.png beside each image (white trains, black "
+                                       "is ignored), alpha = the image's alpha channel."),
+                io.Float.Input("validation_split", default=0.0, min=0.0, max=0.5, step=0.05, optional=True,
+                               tooltip="Share of the images held out of training for a validation loss (fixed "
+                                       "noise and timesteps, comparable across runs); 0 = none."),
+                io.String.Input("validation_folder", default="", optional=True,
+                                tooltip="A folder of validation images instead of a split (absolute, or relative "
+                                        "to ComfyUI's input folder)."),
             ],
             outputs=[DatasetType.Output("dataset", display_name="dataset"),
                      io.Int.Output("image_count", display_name="image_count")],
@@ -40,7 +50,9 @@ class EmoLoRADataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, resolution, enable_buckets, bucket_step, default_repeats, flip_aug, images=None,
-                captions="") -> io.NodeOutput:
+                captions="", mask="off", validation_split=0.0, validation_folder="") -> io.NodeOutput:
         spec = build_dataset(folder, resolution, enable_buckets, bucket_step, default_repeats, flip_aug,
-                             images=images, captions=captions or "")
+                             images=images, captions=captions or "", mask=mask or "off",
+                             validation_split=float(validation_split or 0.0),
+                             validation_folder=validation_folder or "")
         return io.NodeOutput(spec, spec.images, ui=ui.PreviewText(describe(spec)))

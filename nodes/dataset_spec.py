@@ -36,9 +36,12 @@ def images_to_folder(images, captions: str, root: str) -> str:
 
 
 def build_dataset(folder: str, resolution: int, enable_buckets: bool, bucket_step: int, default_repeats: int,
-                  flip_aug: bool, images=None, captions: str = "", images_root: str | None = None) -> DatasetSpec:
+                  flip_aug: bool, images=None, captions: str = "", images_root: str | None = None, mask: str = "off",
+                  validation_split: float = 0.0, validation_folder: str = "") -> DatasetSpec:
+    """mask: masked loss ("file": <stem>_mask.png beside each image, "alpha": the image's alpha channel);
+    validation_split / validation_folder: images held out for the validation loss (a share, or a folder)."""
     from ..trainer.config import ConfigError, TrainConfig
-    from ..trainer.data import DatasetError, scan_dataset
+    from ..trainer.data import DatasetError, scan_dataset, split_validation
 
     if images is not None:
         if images_root is None:
@@ -52,19 +55,33 @@ def build_dataset(folder: str, resolution: int, enable_buckets: bool, bucket_ste
                                "or connect IMAGE batches")
         path = resolve_input_path(folder)
     settings = {"resolution": int(resolution), "enable_buckets": bool(enable_buckets),
-                "bucket_step": int(bucket_step), "default_repeats": int(default_repeats), "flip_aug": bool(flip_aug)}
+                "bucket_step": int(bucket_step), "default_repeats": int(default_repeats), "flip_aug": bool(flip_aug),
+                "mask": mask, "validation_split": float(validation_split)}
+    if validation_folder and validation_folder.strip():
+        settings["validation_data"] = str(resolve_input_path(validation_folder))
     try:
         TrainConfig(**settings).validate(require_paths=False)
-        items, report = scan_dataset(path, default_repeats=int(default_repeats))
+        items, report = scan_dataset(path, default_repeats=int(default_repeats), mask=mask)
+        if settings.get("validation_data"):  # a bad validation folder fails here, before the Trainer runs
+            held = len(scan_dataset(settings["validation_data"], mask=mask)[0])
+        else:
+            held = len(split_validation(items, settings["validation_split"], 0)[1])  # the count, whatever the seed
     except (ConfigError, DatasetError) as e:
         raise fail("Dataset", e) from None
     skipped = tuple(f"{line.path}: {line.reason}" for line in report.lines if line.action == "skipped")
     return DatasetSpec(folder=str(path), images=len(items), samples_per_epoch=report.samples_per_epoch,
-                       skipped=skipped, settings=freeze_settings(settings))
+                       skipped=skipped, settings=freeze_settings(settings), validation_images=held)
 
 
 def describe(spec: DatasetSpec) -> str:
     text = f"{spec.images} images ({spec.samples_per_epoch} samples per epoch) in {spec.folder}"
+    settings = spec.overrides()
+    if settings.get("validation_data"):
+        text += f"\nvalidation: {spec.validation_images} images in {settings['validation_data']}"
+    elif spec.validation_images:
+        text += f"\nvalidation: {spec.validation_images} of these held out of training"
+    if settings.get("mask", "off") != "off":
+        text += f"\nmasked loss: {'<name>_mask.png files' if settings['mask'] == 'file' else 'alpha channel'}"
     if spec.skipped:
         text += f"\nskipped {len(spec.skipped)}:\n" + "\n".join(spec.skipped[:50])
         if len(spec.skipped) > 50:

@@ -3,8 +3,6 @@ OptimizerSpec."""
 
 from __future__ import annotations
 
-import inspect
-
 from ._common import (
     EmoLoRAError,
     OptimizerSpec,
@@ -21,32 +19,10 @@ AUTO_PRESET = "auto (the optimizer's own)"
 SCHEDULERS = ("constant", "cosine", "linear")
 
 
-ADAMW_DEFAULTS = {"betas": (0.9, 0.999), "weight_decay": 0.01}  # torch.optim.AdamW's own defaults
-
-
-def _constructor_defaults(name: str) -> dict:
-    """Keyword arguments the optimizer's constructor takes -> their defaults (the subclass's default wins)."""
-    if name == "AdamW":
-        return dict(ADAMW_DEFAULTS)
-    from ..trainer.optim import OPTIMIZERS
-
-    out: dict = {}
-    for klass in OPTIMIZERS[name].__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters
-        for p, v in params.items():
-            if v.kind in (v.VAR_KEYWORD, v.VAR_POSITIONAL) or p in ("self", "params") or p in out:
-                continue
-            out[p] = None if v.default is inspect.Parameter.empty else v.default
-        if not any(v.kind == v.VAR_KEYWORD for v in params.values()):
-            break
-    return out
-
-
 def _accepted_kwargs(name: str) -> set[str]:
-    return set(_constructor_defaults(name))
+    from ..trainer.optim import constructor_defaults
+
+    return set(constructor_defaults(name))
 
 
 def optimizer_defaults(optimizer: str, preset: str = AUTO_PRESET) -> dict:
@@ -54,10 +30,11 @@ def optimizer_defaults(optimizer: str, preset: str = AUTO_PRESET) -> dict:
     merged by trainer.config exactly as the CLI merges it) over its constructor's defaults. Keys are widget
     names; a parameter the optimizer does not take is absent."""
     from ..trainer.config import build_config
+    from ..trainer.optim import constructor_defaults
 
     presets = [preset] if preset and preset != AUTO_PRESET else []
     cfg = build_config(presets=presets, overrides={"optimizer": optimizer}, validate=False)
-    ctor = {**_constructor_defaults(optimizer), **cfg.optimizer_args}
+    ctor = {**constructor_defaults(optimizer), **cfg.optimizer_args}
     lr = cfg.lr if cfg.lr is not None else optimizer_info()[optimizer].recommended_lr
     out: dict = {"lr_scheduler": cfg.lr_scheduler if cfg.lr_scheduler in SCHEDULERS else "constant",
                  "warmup_steps": int(cfg.warmup_steps),

@@ -7,6 +7,7 @@ import os
 
 from comfy_api.latest import io, ui
 
+from ..trainer.config import CHOICES
 from ._common import (
     CATEGORY,
     PREFIX,
@@ -24,7 +25,6 @@ from .training import (
     PRECISIONS,
     comfy_device,
     free_comfy_models,
-    network_options,
     preset_status,
     run_training,
 )
@@ -103,6 +103,19 @@ class EmoLoRATrainer(io.ComfyNode):
                              tooltip="Preview width and height; 0 = the training resolution."),
                 io.Int.Input("sample_steps", default=20, min=1, max=200),
                 io.String.Input("output_name", default="emolora"),
+                io.Combo.Input("auto_stop_on", options=list(CHOICES["auto_stop_on"]), default="should_stop",
+                               optional=True,
+                               tooltip="What auto_stop acts on: the optimizer's should_stop, or a validation loss "
+                                       "(the Dataset node's validation images) without a new minimum for "
+                                       "val_patience checks."),
+                io.Int.Input("validation_every", default=0, min=0, max=1000000, optional=True,
+                             tooltip="Steps between validation losses when the dataset has validation images; "
+                                     "0 = every 50 steps."),
+                io.Int.Input("val_patience", default=5, min=1, max=1000, optional=True,
+                             tooltip="val-plateau: validations without a new minimum before stopping."),
+                io.Boolean.Input("compile", default=False, optional=True,
+                                 tooltip="torch.compile the UNet's transformer blocks: a slower start, faster steps "
+                                         "on a GPU."),
                 *_gpus_input(),
             ],
             outputs=[
@@ -119,7 +132,8 @@ class EmoLoRATrainer(io.ComfyNode):
     def execute(cls, ckpt_name, dataset, optimizer, preset, network, dora, rslora, rank, alpha, conv_rank,
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
-                sample_steps, output_name, gpus=1) -> io.NodeOutput:
+                sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
+                compile=False, gpus=1) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -143,7 +157,9 @@ class EmoLoRATrainer(io.ComfyNode):
                    "seed": int(seed), "auto_stop": "stop" if auto_stop else "mark", "save_every": int(save_every),
                    "sample_prompts": prompts, "sample_every": int(sample_every) if prompts else 0,
                    "sample_size": int(sample_size) or None, "sample_steps": int(sample_steps),
-                   **network_options(network, dora, rslora, weights)}
+                   "network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": weights,
+                   "auto_stop_on": auto_stop_on or "should_stop", "validation_every": int(validation_every or 0),
+                   "val_patience": int(val_patience or 5), "compile": bool(compile)}
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
         free_comfy_models()
@@ -160,8 +176,9 @@ class EmoLoRATrainer(io.ComfyNode):
                            check_cancel=comfy.model_management.throw_exception_if_processing_interrupted, **options)
         cfg = out["config"]
         samples = to_image_batch(out["samples"], fallback_size=cfg.sample_size or 64)
-        lines = [f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})", f"run: {out['run_dir']}",
-                 preset_status(None if preset == NO_PRESET else preset, cfg)]
+        chosen = None if preset == NO_PRESET else preset
+        lines = [f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})", out["message"],
+                 out["validation"], f"run: {out['run_dir']}", preset_status(chosen, cfg)]
         shown = {**ui.PreviewText("\n".join(x for x in lines if x)).as_dict()}
         if out["samples"]:
             shown.update(ui.PreviewImage(samples, cls=cls).as_dict())

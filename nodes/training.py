@@ -14,6 +14,7 @@ import math
 import os
 import re
 
+from ..trainer.config import CHOICES
 from . import previews
 from ._common import (
     TELEMETRY_EVENT,
@@ -30,7 +31,7 @@ log = logging.getLogger("emolora.nodes")
 PRECISIONS = {"auto": "auto", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 EVENT_INTERVAL_S = 0.25  # at most ~4 telemetry events per second
 EVENT_FIELDS = ("loss", "lr", "emo_scalar", "emo_pulse", "effective_lr", "trust", "grad_norm", "steps_per_s",
-                "eval_loss", "lr_scale", "confidence_mean")
+                "eval_loss", "val_loss", "lr_scale", "confidence_mean")
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -63,25 +64,7 @@ def event_payload(rec: dict, node_id, optimizer: str) -> dict:
     return out
 
 
-NETWORKS = ("lora", "loha", "lokr")
-
-
-def network_options(network: str, dora: bool, rslora: bool, network_weights: str | None) -> dict:
-    """The trainer config keys of the network type and the LoRA to continue from. A key the trainer core does
-    not have yet is left out while it is at its default, and is a clear error when it is asked for."""
-    from ..trainer.config import TrainConfig
-
-    fields = TrainConfig.__dataclass_fields__
-    wanted = {"network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": network_weights}
-    defaults = {"network": "lora", "dora": False, "rslora": False, "network_weights": None}
-    out = {}
-    for key, value in wanted.items():
-        if key in fields:
-            out[key] = value
-        elif value != defaults[key]:
-            raise EmoLoRAError(f"EmoLoRA Trainer: {key}={value!r} needs a trainer core with the '{key}' option "
-                               "(this one has none); update EmoLoRA")
-    return out
+NETWORKS = CHOICES["network"]
 
 
 def preset_status(preset: str | None, config) -> str:
@@ -156,7 +139,8 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     first); at a sample step `preview` is the set's strip image. check_cancel() may raise during the set-up
     (model load, caching), before there is a LoRA to save. gpus > 1: the CLI under torchrun in a child process,
     followed through its run store (trainer/launch.py); Cancel stops it through the control file.
-    Returns {lora_path, lora_name, run_dir, steps_done, stop_reason, samples, config}."""
+    Returns {lora_path, lora_name, run_dir, steps_done, stop_reason, samples, config, message (why it stopped,
+    when that needs words: diverged), validation (the validation loss in words, or "")}."""
     import torch
 
     from ..trainer.config import build_config
@@ -249,9 +233,20 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
                            f"{result.run_dir}")
     send_event(TELEMETRY_EVENT, {"node": node, "status": "done",
                                  "step": result.steps_done, "steps_total": config.steps,
-                                 "stop_reason": result.stop_reason, "lora": os.path.basename(result.lora_path),
-                                 "run_dir": result.run_dir})
+                                 "stop_reason": result.stop_reason, "message": result.message,
+                                 "lora": os.path.basename(result.lora_path), "run_dir": result.run_dir})
     rel = os.path.relpath(result.lora_path, lora_dir)
     return {"lora_path": result.lora_path, "lora_name": rel.replace(os.sep, "/"), "run_dir": result.run_dir,
             "steps_done": result.steps_done, "stop_reason": result.stop_reason, "samples": list(samples),
-            "config": config}
+            "config": config, "message": result.message or "", "validation": validation_line(result.summary)}
+
+
+def validation_line(summary: dict) -> str:
+    """The validation loss in words (empty without validation images)."""
+    if summary.get("val_loss_min") is None:
+        return ""
+    text = (f"validation loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f}, lowest "
+            f"{summary['val_loss_min']:.4f} at step {summary['val_loss_min_step']}")
+    if summary.get("should_stop_step") is not None:
+        text += f"; should_stop rose at step {summary['should_stop_step']}"
+    return text

@@ -41,6 +41,16 @@ def test_missing_model_file(tmp_path, data, capsys):
     assert_clean_error(code, err, "model not found", missing)
 
 
+def test_missing_network_weights_and_validation_folder_fail_before_the_model_loads(tmp_path, data, capsys):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"not even read")  # a load would fail on it: the missing files are reported first
+    base = ("train", "--model", model, "--data", data, "--output", tmp_path / "o.safetensors")
+    code, _, err = run_cli(capsys, *base, "--network-weights", tmp_path / "old.safetensors")
+    assert_clean_error(code, err, "network_weights not found", tmp_path / "old.safetensors")
+    code, _, err = run_cli(capsys, *base, "--validation-data", tmp_path / "val")
+    assert_clean_error(code, err, "not found", tmp_path / "val")
+
+
 def test_missing_data_folder_fails_before_the_model_loads(tmp_path, capsys):
     model = tmp_path / "m.safetensors"
     model.write_bytes(b"not even read")

@@ -115,7 +115,7 @@ def test_widget_defaults_are_what_the_cli_trains_with():
             assert cli.lr is not None and node.lr == cli.lr, (name, preset)
             for key, value in cli.optimizer_args.items():  # explicit in the preset: the node passes the same
                 assert node.optimizer_args[key] == value, (name, preset, key)
-            ctor = spec_mod._constructor_defaults(name)  # the rest: the constructor's own defaults
+            ctor = sub("trainer.optim").constructor_defaults(name)  # the rest: the constructor's own defaults
             for key, value in node.optimizer_args.items():
                 if key not in cli.optimizer_args:
                     expected = list(value) if key == "betas" else value
@@ -181,6 +181,32 @@ def test_dataset_from_image_batch(tmp_path):
     assert again == spec  # content-addressed: the same batch is the same folder
     with pytest.raises(sub("nodes._common").EmoLoRAError, match="3 images but 2 caption lines"):
         ds.build_dataset("", 256, True, 64, 1, False, images=images, captions="a\nb", images_root=str(tmp_path))
+
+
+def test_dataset_validation_and_mask_options(tmp_path):
+    from PIL import Image
+
+    ds, err = sub("nodes.dataset_spec"), sub("nodes._common").EmoLoRAError
+    data, val = tmp_path / "data", tmp_path / "val"
+    for folder, n in ((data, 4), (val, 2)):
+        folder.mkdir()
+        for i in range(n):
+            Image.new("RGB", (64, 64), (i * 60, 0, 0)).save(folder / f"{i}.png")
+            (folder / f"{i}.txt").write_text("a blob")
+    Image.new("L", (64, 64), 255).save(data / "0_mask.png")
+    spec = ds.build_dataset(str(data), 64, True, 64, 1, False, mask="file", validation_split=0.25)
+    settings = spec.overrides()
+    assert spec.images == 4 and spec.validation_images == 1  # 0_mask.png is a mask, not an image
+    assert settings["mask"] == "file" and settings["validation_split"] == 0.25 and "validation_data" not in settings
+    text = ds.describe(spec)
+    assert "validation: 1 of these held out of training" in text and "masked loss: <name>_mask.png files" in text
+    spec = ds.build_dataset(str(data), 64, True, 64, 1, False, validation_folder=str(val))
+    assert spec.overrides()["validation_data"] == str(val) and spec.validation_images == 2
+    assert f"validation: 2 images in {val}" in ds.describe(spec)
+    with pytest.raises(err, match="^EmoLoRA Dataset: .*validation_split and validation_data exclude each other"):
+        ds.build_dataset(str(data), 64, True, 64, 1, False, validation_split=0.25, validation_folder=str(val))
+    with pytest.raises(err, match=f"^EmoLoRA Dataset: .*{tmp_path / 'nothing'}"):
+        ds.build_dataset(str(data), 64, True, 64, 1, False, validation_folder=str(tmp_path / "nothing"))
 
 
 # ---- Telemetry -------------------------------------------------------------------------------------------------
@@ -312,17 +338,12 @@ def test_sample_files_of_a_step_in_prompt_order(tmp_path):
     assert previews.sample_paths(tmp_path, 5) == []
 
 
-def test_network_options_pass_the_trainer_keys(monkeypatch):
-    TrainConfig = sub("trainer.config").TrainConfig  # the pack's own copy of the module
-    training, err = sub("nodes.training"), sub("nodes._common").EmoLoRAError
-    assert training.network_options("loha", False, True, "/x/old.safetensors") == {
-        "network": "loha", "dora": False, "rslora": True, "network_weights": "/x/old.safetensors"}
-    # a trainer core without one of the keys: left out at its default, a clear error when asked for
-    fields = {k: v for k, v in TrainConfig.__dataclass_fields__.items() if k != "dora"}
-    monkeypatch.setattr(TrainConfig, "__dataclass_fields__", fields)
-    assert "dora" not in training.network_options("lora", False, False, None)
-    with pytest.raises(err, match="dora=True needs a trainer core with the 'dora' option"):
-        training.network_options("lora", True, False, None)
+def test_validation_line_reports_the_minimum_and_should_stop():
+    training = sub("nodes.training")
+    summary = {"val_loss_start": 1.25, "val_loss_end": 0.95, "val_loss_min": 0.9, "val_loss_min_step": 300}
+    assert training.validation_line({}) == ""
+    assert training.validation_line(summary) == "validation loss 1.2500 -> 0.9500, lowest 0.9000 at step 300"
+    assert training.validation_line({**summary, "should_stop_step": 120}).endswith("should_stop rose at step 120")
 
 
 @pytest.mark.slow
@@ -345,14 +366,43 @@ def test_run_training_loha_then_continue_it(tmp_path, monkeypatch, one_thread):
               optimizer=_spec("EmoNavi"), lora_dir=str(tmp_path / "loras"), runs_dir=str(tmp_path / "runs"),
               cache_dir=str(tmp_path / "cache"), device="cpu", rank=4, steps=1, mixed_precision="no",
               gradient_checkpointing=False)
-    first = training.run_training(output_name="loha", **kw, **training.network_options("loha", False, False, None))
+    first = training.run_training(output_name="loha", network="loha", **kw)
     with safe_open(first["lora_path"], "pt") as f:
         keys = list(f.keys())
     assert any(k.endswith(".hada_w1_a") for k in keys) and not any("lora_down" in k for k in keys)
     assert first["config"].network == "loha"
-    again = training.run_training(output_name="loha", **kw,
-                                  **training.network_options("loha", False, False, first["lora_path"]))
+    again = training.run_training(output_name="loha", network="loha", network_weights=first["lora_path"], **kw)
     assert again["config"].network_weights == first["lora_path"] and again["lora_name"] == "loha_00002.safetensors"
+
+
+@pytest.mark.slow
+def test_run_training_with_validation_and_masks_from_the_nodes(tmp_path, monkeypatch, one_thread):
+    """The Dataset node's validation split and masks and the Trainer node's validation inputs reach the trainer."""
+    from PIL import Image
+
+    from trainer.model import tiny_model_path
+    from trainer.runstore import RunReader
+
+    training = sub("nodes.training")
+    monkeypatch.setattr(training, "send_event", lambda name, data: None)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(data / f"{i}.png")
+        Image.new("L", (64, 64), 255).save(data / f"{i}_mask.png")
+        (data / f"{i}.txt").write_text("tiny")
+    dataset = sub("nodes.dataset_spec").build_dataset(str(data), 64, False, 64, 1, False, mask="file",
+                                                      validation_split=0.34)
+    out = training.run_training(checkpoint=tiny_model_path(), dataset=dataset, optimizer=_spec("EmoNavi"),
+                                lora_dir=str(tmp_path / "loras"), runs_dir=str(tmp_path / "runs"),
+                                cache_dir=str(tmp_path / "cache"), output_name="val", device="cpu", rank=4, steps=2,
+                                mixed_precision="no", gradient_checkpointing=False, validation_every=1,
+                                auto_stop_on="val-plateau", val_patience=3, auto_stop="stop")
+    cfg = out["config"]
+    assert (cfg.mask, cfg.validation_split, cfg.validation_every, cfg.auto_stop_on) == ("file", 0.34, 1, "val-plateau")
+    rows = [r for r in RunReader(out["run_dir"]).steps(since=-1) if "val_loss" in r]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert out["validation"].startswith("validation loss ") and out["stop_reason"] == "finished"
 
 
 # ---- Example workflow ------------------------------------------------------------------------------------------

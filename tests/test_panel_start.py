@@ -27,7 +27,7 @@ def test_start_a_run_from_the_panel(tmp_path):
     form = {"model": str(tmp_path / "missing.safetensors"), "dataset": "data", "optimizer": "EmoNavi",
             "preset": "(none)", "steps": 3, "lr": None, "args_text": "", "resolution": 64, "rank": 4, "name": "x",
             "network": "lora", "dora": False, "rslora": False, "validation_split": 0.0, "validation_data": None,
-            "validation_every": 0, "auto_stop_on": "should_stop"}
+            "validation_every": 0, "auto_stop_on": "should_stop", "mask": "off"}
     msg, _ = app.start_run(*[form[k] for k in app.FORM])
     assert msg.startswith("⚠") and "model not found" in msg
     form.update(model=model, optimizer="EmoLynx", name="../my run")

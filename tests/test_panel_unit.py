@@ -339,26 +339,19 @@ def test_a_run_from_the_form_equals_the_same_run_from_the_cli(tmp_path, monkeypa
     app = PanelApp(tmp_path / "out", model_roots=[models], data_roots=[datasets])
     started = []
     monkeypatch.setattr(launcher, "start", lambda root, cmd, name: started.append(cmd))
-    network = "loha" if form.has_option("network") else "lora"  # the network keys arrive with newer trainers
-    validation = form.has_option("validation_split")
     choices = {"model": "sdxl.safetensors", "dataset": "photos", "optimizer": "AutoTrustGO", "preset": "style",
                "steps": 7, "lr": 2e-4, "args_text": '{"trust_level": 0.3, "eps": 1e-08}', "resolution": 64,
-               "rank": 4, "name": "from form", "network": network, "dora": form.has_option("dora"),
-               "rslora": False, "validation_split": 0.0, "validation_data": "held-out" if validation else None,
-               "validation_every": 3 if validation else 0,
-               "auto_stop_on": "val-plateau" if form.has_option("auto_stop_on") else "should_stop"}
+               "rank": 4, "name": "from form", "network": "loha", "dora": True, "rslora": False,
+               "validation_split": 0.0, "validation_data": "held-out", "validation_every": 3,
+               "auto_stop_on": "val-plateau", "mask": "alpha"}
     msg, _ = app.start_run(*[choices[k] for k in app.FORM])
     assert msg.startswith("started `from-form`"), msg
     hand = ["train", "--model", str(models / "sdxl.safetensors"), "--data", str(datasets / "photos"),
             "--output", str(app.root.root / "from-form.safetensors"), "--run-name", "from-form",
             "--optimizer", "AutoTrustGO", "--preset", "style", "--steps", "7", "--lr", "2e-4", "--resolution", "64",
-            "--rank", "4", "--set", 'optimizer_args={"trust_level": 0.3}', "--set", f"runs_dir={app.root.runs_dir}"]
-    if network != "lora":
-        hand += ["--set", f"network={network}", "--set", "dora=true"]
-    if validation:
-        hand += ["--set", "validation_every=3", "--set", f"validation_data={datasets / 'held-out'}"]
-    if form.has_option("auto_stop_on"):
-        hand += ["--auto-stop-on", "val-plateau"]
+            "--rank", "4", "--set", 'optimizer_args={"trust_level": 0.3}', "--set", f"runs_dir={app.root.runs_dir}",
+            "--set", "network=loha", "--set", "dora=true", "--set", "validation_every=3",
+            "--set", f"validation_data={datasets / 'held-out'}", "--auto-stop-on", "val-plateau", "--mask", "alpha"]
 
     class Merged(Exception):
         pass
@@ -383,16 +376,12 @@ def test_a_run_from_the_form_equals_the_same_run_from_the_cli(tmp_path, monkeypa
         msg, _ = app.start_run(*[{**choices, key: bad}[k] for k in app.FORM])
         assert msg.startswith("⚠") and match in msg, msg
     assert len(started) == 1
-    if validation:  # a held-out share instead of a folder; both at once are refused by the trainer's check
-        _, overrides = form.run_options(app.model_roots, app.data_roots, **{
-            **{k: v for k, v in choices.items() if k != "name"}, "validation_data": None, "validation_split": 0.25})
-        assert overrides["validation_split"] == 0.25 and "validation_data" not in overrides
-        msg, _ = app.start_run(*[{**choices, "validation_split": 0.25}[k] for k in app.FORM])
-        assert msg.startswith("⚠") and "exclude each other" in msg
-        from emolora.trainer import config
-
-        assert form.AUTO_STOP_ON == config._CHOICES["auto_stop_on"]  # the form's copies of the trainer's choices
-        assert form.NETWORK_TYPES == config._CHOICES.get("network", form.NETWORK_TYPES)
+    # a held-out share instead of a folder; both at once are refused by the trainer's check
+    _, overrides = form.run_options(app.model_roots, app.data_roots, **{
+        **{k: v for k, v in choices.items() if k != "name"}, "validation_data": None, "validation_split": 0.25})
+    assert overrides["validation_split"] == 0.25 and "validation_data" not in overrides
+    msg, _ = app.start_run(*[{**choices, "validation_split": 0.25}[k] for k in app.FORM])
+    assert msg.startswith("⚠") and "exclude each other" in msg
 
 
 def test_form_defaults_follow_the_preset_and_the_optimizer(tmp_path):

@@ -36,8 +36,10 @@ def scan_and_place(cfg: TrainConfig):
     cfg = cfg.validate(require_paths=not cfg.resume)
     if cfg.resume and not (Path(cfg.resume) / "state" / STATE_FILE).is_file():
         raise ConfigError(f"resume: no saved training state in {cfg.resume} (expected state/{STATE_FILE})")
-    if not Path(cfg.model).expanduser().exists():
-        raise ConfigError(f"model not found: {cfg.model}")
+    for name in ("model", "network_weights"):  # before the data scan and the multi-GB checkpoint load
+        path = getattr(cfg, name)
+        if path and not Path(path).expanduser().exists():
+            raise ConfigError(f"{name} not found: {path}")
     items, report = scan_dataset(cfg.data, caption_extensions=cfg.caption_extensions,
                                  default_repeats=cfg.default_repeats, mask=cfg.mask)
     items, val_items = hold_out_validation(cfg, items, report)

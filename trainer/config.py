@@ -25,7 +25,7 @@ OPTIMIZER_NAMES = (
 PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", "resume", "validation_data",
                "network_weights")
 
-_CHOICES = {
+CHOICES = {
     "network": ("lora", "loha", "lokr"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
@@ -183,7 +183,7 @@ class TrainConfig:
             near = difflib.get_close_matches(self.optimizer, OPTIMIZER_NAMES, n=1, cutoff=0.5)
             hint = f" (did you mean {near[0]!r}?)" if near else f"; choose one of {', '.join(OPTIMIZER_NAMES)}"
             raise ConfigError(f"optimizer: unknown name {self.optimizer!r}{hint}")
-        for name, choices in _CHOICES.items():
+        for name, choices in CHOICES.items():
             if choices and getattr(self, name) not in choices:
                 raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         positive = ("rank", "steps", "batch_size", "grad_accum", "resolution", "bucket_step", "vae_batch_size",

@@ -63,11 +63,8 @@ def step_record(cfg, run: RunSetup, loop: LoopState, step_times, *, loss: float,
 def take_device_signals(optimizer):
     """(names, 0-dim-stacked device tensor) of the signals the optimizer left on the device at its last step,
     taken from it unread (its `telemetry` then holds the host-side ones only), or None."""
-    pending = getattr(optimizer, "_pending", None)  # trainer.optim's EmoOptimizer (see _base._publish)
-    if pending is None:
-        return None
-    optimizer._pending = None
-    return pending
+    take = getattr(optimizer, "take_pending_signals", None)  # trainer.optim's EmoOptimizer; torch's have none
+    return take() if take is not None else None
 
 
 class LateSignals:

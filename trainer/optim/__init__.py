@@ -4,14 +4,17 @@
     OPTIMIZER_INFO   name -> OptimizerInfo (family, description, version, recommended LR, state, signals)
     create_optimizer(name, params, **kwargs)   also "AdamW" (torch) as the baseline
     takes_loss(opt)  whether opt.step accepts loss=
+    constructor_defaults(name)   keyword -> default of its constructor (the nodes' and the panel's defaults)
 """
 
 from ._info import OPTIMIZER_INFO, OptimizerInfo
 
-__all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "EmoPulseScheduler", "create_optimizer", "takes_loss"]
+__all__ = ["OPTIMIZERS", "OPTIMIZER_INFO", "OptimizerInfo", "EmoPulseScheduler", "constructor_defaults",
+           "create_optimizer", "optimizer_class", "takes_loss"]
 
 
-_LAZY = {"OPTIMIZERS", "EmoPulseScheduler", "create_optimizer", "takes_loss"} | set(OPTIMIZER_INFO) - {"AdamW"}
+_LAZY = {"OPTIMIZERS", "EmoPulseScheduler", "constructor_defaults", "create_optimizer", "optimizer_class",
+         "takes_loss"} | set(OPTIMIZER_INFO) - {"AdamW"}
 
 
 def __getattr__(name):

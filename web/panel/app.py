@@ -131,7 +131,8 @@ class PanelApp:
 
     # ---- start a run -------------------------------------------------------------------------------------------
     FORM = ("model", "dataset", "optimizer", "preset", "steps", "lr", "args_text", "resolution", "rank", "name",
-            "network", "dora", "rslora", "validation_split", "validation_data", "validation_every", "auto_stop_on")
+            "network", "dora", "rslora", "validation_split", "validation_data", "validation_every", "auto_stop_on",
+            "mask")
     LAUNCH = ("gpus",)  # how the run is launched (after FORM's values; absent: 1)
 
     def start_run(self, *values) -> tuple:
@@ -151,9 +152,7 @@ class PanelApp:
                 gr.update(value=True))
 
     SHOWN = ("steps", "resolution", "rank", "network", "dora", "rslora", "validation_split", "validation_every",
-             "auto_stop_on", "lr", "args_text", "note")
-    UNSET = {"network": "lora", "dora": False, "rslora": False, "validation_split": 0.0, "validation_every": 0,
-             "auto_stop_on": "should_stop"}
+             "auto_stop_on", "mask", "lr", "args_text", "note")
 
     def form_defaults(self, preset, optimizer) -> list:
         """What the form shows (SHOWN order) for a preset and an optimizer: the values the run would get
@@ -161,7 +160,6 @@ class PanelApp:
         optimizer = optimizer or "EmoNavi"
         cfg = form.defaults(preset, optimizer)
         values = {k: getattr(cfg, k, None) for k in self.SHOWN}
-        values.update({k: v for k, v in self.UNSET.items() if values[k] is None})
         values.update(args_text=json.dumps(form.optimizer_defaults(optimizer)), note=form.preset_summary(preset))
         return [values[k] for k in self.SHOWN]
 
@@ -392,13 +390,12 @@ class PanelApp:
                                             value=values["args_text"], lines=2, scale=3, elem_id="emolora-f-args")
             with gr.Row():
                 f["network"] = gr.Dropdown(label="Network", choices=list(form.NETWORK_TYPES),
-                                           value=values["network"], visible=form.has_option("network"),
-                                           elem_id="emolora-f-network")
-                f["dora"] = gr.Checkbox(label="DoRA", value=values["dora"], visible=form.has_option("dora"),
-                                        elem_id="emolora-f-dora")
-                f["rslora"] = gr.Checkbox(label="rsLoRA", value=values["rslora"], visible=form.has_option("rslora"),
-                                          elem_id="emolora-f-rslora")
-            with gr.Row(visible=form.has_option("validation_split")):
+                                           value=values["network"], elem_id="emolora-f-network")
+                f["dora"] = gr.Checkbox(label="DoRA", value=values["dora"], elem_id="emolora-f-dora")
+                f["rslora"] = gr.Checkbox(label="rsLoRA", value=values["rslora"], elem_id="emolora-f-rslora")
+                f["mask"] = gr.Dropdown(label="Masked loss", choices=list(form.MASKS), value=values["mask"],
+                                        elem_id="emolora-f-mask")
+            with gr.Row():
                 f["validation_split"] = gr.Number(label="Validation split (0: none)", value=values["validation_split"],
                                                   minimum=0,
                                                   maximum=0.9, step=0.05, elem_id="emolora-f-vsplit")
@@ -408,8 +405,7 @@ class PanelApp:
                                                   value=values["validation_every"], precision=0, minimum=0,
                                                   elem_id="emolora-f-vevery")
                 f["auto_stop_on"] = gr.Dropdown(label="Auto-stop acts on", choices=list(form.AUTO_STOP_ON),
-                                                value=values["auto_stop_on"], visible=form.has_option("auto_stop_on"),
-                                                elem_id="emolora-f-auto-stop-on")
+                                                value=values["auto_stop_on"], elem_id="emolora-f-auto-stop-on")
             f["gpus"] = gr.Number(label="GPUs (processes under torchrun; global batch = batch x GPUs)", value=1,
                                   precision=0, minimum=1, elem_id="emolora-f-gpus")
             f["start"] = gr.Button("Start training", variant="primary", elem_id="emolora-start")

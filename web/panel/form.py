@@ -5,12 +5,11 @@ A value is passed on only where it differs from what the chosen presets and opti
 the form starts is the run `python -m trainer train` starts with the same choices as flags.
 """
 
-import dataclasses
-import inspect
 import json
 import math
 
 from ...trainer.config import (
+    CHOICES,
     OPTIMIZER_NAMES,
     ConfigError,
     TrainConfig,
@@ -22,18 +21,12 @@ from ...trainer.config import (
 from .paths import PathError
 
 NONE = "(none)"
-NETWORK_TYPES = ("lora", "loha", "lokr")
-# Options the form shows only when this trainer has them (network type and validation come with newer trainers).
-NETWORK_OPTIONS = ("network", "dora", "rslora")
-VALIDATION_OPTIONS = ("validation_split", "validation_data", "validation_every", "auto_stop_on")
-AUTO_STOP_ON = ("should_stop", "val-plateau")  # what auto-stop acts on: the optimizer's flag or the validation loss
+NETWORK_TYPES = CHOICES["network"]
+MASKS = CHOICES["mask"]  # masked loss: none, <stem>_mask.png beside each image, the alpha channel
+AUTO_STOP_ON = CHOICES["auto_stop_on"]  # what auto-stop acts on: the optimizer's flag or the validation loss
 # Constructor arguments that are not the optimizer's maths: the trainer sets them (or they only print).
 ENGINE_ARGS = {"self", "params", "defaults", "lr", "writer", "foreach", "state_dtype", "fused", "dtype", "notify",
                "maximize", "capturable", "differentiable"}
-
-
-def has_option(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def training_presets() -> list[dict]:
@@ -49,38 +42,17 @@ def preset_summary(name) -> str:
 
 
 # ---- the optimizer's own arguments ------------------------------------------------------------------------------
-def _optimizer_class(name: str):
-    if name == "AdamW":
-        import torch
-
-        return torch.optim.AdamW
-    from ...trainer.optim import OPTIMIZERS
-
-    return OPTIMIZERS[name]
-
-
 def _jsonable(v):
     return list(v) if isinstance(v, tuple) else v
 
 
 def constructor_defaults(name: str) -> dict:
-    """The keyword arguments of the optimizer's constructor with their defaults (subclass first, following
-    *args/**kwargs up the class chain), without lr and the engine's own switches."""
+    """The optimizer's own keyword arguments with their defaults, without lr and the engine's switches."""
     if name not in OPTIMIZER_NAMES:
         raise ConfigError(f"optimizer: unknown name {name!r}")
-    out: dict = {}
-    for klass in _optimizer_class(name).__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        for p in params:
-            if p.name not in ENGINE_ARGS and p.name not in out and p.default is not inspect.Parameter.empty \
-                    and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
-                out[p.name] = _jsonable(p.default)
-        if not any(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params):
-            break
-    return out
+    from ...trainer.optim import constructor_defaults as defaults_of
+
+    return {k: _jsonable(v) for k, v in defaults_of(name).items() if k not in ENGINE_ARGS}
 
 
 def _preset_args(name: str) -> dict:
@@ -142,7 +114,7 @@ def defaults(preset, optimizer: str) -> TrainConfig:
 
 def run_options(model_roots, data_roots, *, model, dataset, optimizer, preset, steps, lr=None, args_text="",
                 resolution=None, rank=None, network=None, dora=None, rslora=None, validation_split=None,
-                validation_data=None, validation_every=None, auto_stop_on=None) -> tuple:
+                validation_data=None, validation_every=None, auto_stop_on=None, mask=None) -> tuple:
     """(presets, overrides) for the trainer; paths confined to the roots. Raises PathError or ConfigError."""
     if optimizer not in OPTIMIZER_NAMES:
         raise ConfigError(f"optimizer: unknown name {optimizer!r}")
@@ -156,18 +128,10 @@ def run_options(model_roots, data_roots, *, model, dataset, optimizer, preset, s
     overrides = {"model": str(model_path), "data": str(data_path), "optimizer": optimizer, "steps": int(steps)}
     chosen = {"lr": lr, "resolution": resolution, "rank": rank, "network": network, "dora": dora,
               "rslora": rslora, "validation_split": validation_split, "validation_every": validation_every,
-              "auto_stop_on": auto_stop_on}
+              "auto_stop_on": auto_stop_on, "mask": mask}
     for key, value in chosen.items():
-        if not has_option(key):
-            if value not in (None, False, 0, "", "lora", "should_stop"):
-                raise ConfigError(f"{key}: this trainer has no such option (got {value!r})")
-            continue
-        if value is None:
-            continue
-        if value != getattr(base, key):
+        if value is not None and value != getattr(base, key):
             overrides[key] = value
-    if validation_data and not has_option("validation_data"):
-        raise ConfigError("validation_data: this trainer has no such option")
     if validation_data:
         folder = data_roots.resolve(validation_data)
         if not folder.is_dir():
