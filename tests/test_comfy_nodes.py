@@ -77,6 +77,20 @@ def _spec(optimizer, **kw):
     return spec_mod.build_spec(optimizer, **{k: args[k] for k in WIDGETS})
 
 
+def _tiny_dataset(folder, n=2, masks=False):
+    """n captioned 64x64 images (and white masks) in `folder` -> the folder."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(folder / f"{i}.png")
+        if masks:
+            Image.new("L", (64, 64), 255).save(folder / f"{i}_mask.png")
+        (folder / f"{i}.txt").write_text("tiny")
+    return folder
+
+
 def test_every_optimizer_builds_a_valid_immutable_spec():
     from trainer.config import OPTIMIZER_NAMES, build_config
 
@@ -240,17 +254,13 @@ def test_event_payload_is_json_safe():
 
 @pytest.mark.slow
 def test_run_training_tiny_model_and_cancel_saves_the_lora(tmp_path, monkeypatch):
-    from PIL import Image
 
     from trainer.model import tiny_model_path
 
     common, training = sub("nodes._common"), sub("nodes.training")
     events = []
     monkeypatch.setattr(training, "send_event", lambda name, data: events.append((name, data)))
-    for i in range(2):
-        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(tmp_path / f"{i}.png")
-        (tmp_path / f"{i}.txt").write_text("tiny")
-    dataset = sub("nodes.dataset_spec").build_dataset(str(tmp_path), 64, False, 64, 1, False)
+    dataset = sub("nodes.dataset_spec").build_dataset(str(_tiny_dataset(tmp_path)), 64, False, 64, 1, False)
     optimizer = _spec("EmoNavi")
     kw = dict(checkpoint=tiny_model_path(), dataset=dataset, optimizer=optimizer, lora_dir=str(tmp_path / "loras"),
               runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), node_id="3", device="cpu",
@@ -349,18 +359,13 @@ def test_validation_line_reports_the_minimum_and_should_stop():
 @pytest.mark.slow
 def test_run_training_loha_then_continue_it(tmp_path, monkeypatch, one_thread):
     """The Trainer node's network inputs reach the trainer: a LoHa file, then a run continued from it."""
-    from PIL import Image
     from safetensors import safe_open
 
     from trainer.model import tiny_model_path
 
     training = sub("nodes.training")
     monkeypatch.setattr(training, "send_event", lambda name, data: None)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(2):
-        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(data / f"{i}.png")
-        (data / f"{i}.txt").write_text("tiny")
+    data = _tiny_dataset(tmp_path / "data")
     kw = dict(checkpoint=tiny_model_path(), dataset=sub("nodes.dataset_spec").build_dataset(str(data), 64, False, 64,
                                                                                              1, False),
               optimizer=_spec("EmoNavi"), lora_dir=str(tmp_path / "loras"), runs_dir=str(tmp_path / "runs"),
@@ -378,19 +383,13 @@ def test_run_training_loha_then_continue_it(tmp_path, monkeypatch, one_thread):
 @pytest.mark.slow
 def test_run_training_with_validation_and_masks_from_the_nodes(tmp_path, monkeypatch, one_thread):
     """The Dataset node's validation split and masks and the Trainer node's validation inputs reach the trainer."""
-    from PIL import Image
 
     from trainer.model import tiny_model_path
     from trainer.runstore import RunReader
 
     training = sub("nodes.training")
     monkeypatch.setattr(training, "send_event", lambda name, data: None)
-    data = tmp_path / "data"
-    data.mkdir()
-    for i in range(3):
-        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(data / f"{i}.png")
-        Image.new("L", (64, 64), 255).save(data / f"{i}_mask.png")
-        (data / f"{i}.txt").write_text("tiny")
+    data = _tiny_dataset(tmp_path / "data", n=3, masks=True)
     dataset = sub("nodes.dataset_spec").build_dataset(str(data), 64, False, 64, 1, False, mask="file",
                                                       validation_split=0.34)
     out = training.run_training(checkpoint=tiny_model_path(), dataset=dataset, optimizer=_spec("EmoNavi"),

@@ -336,8 +336,7 @@ def test_a_host_follows_a_two_rank_child_run_and_stops_it(tmp_path):
 def test_comfy_trainer_with_two_gpus_trains_in_a_torchrun_child_and_cancel_saves(tmp_path, monkeypatch):
     """The Trainer node's gpus=2 path (nodes/training.py): steps relayed to the progress bar, Cancel stops the
     child through the control file and the LoRA so far is saved, as for an in-process run."""
-    from PIL import Image
-    from test_comfy_nodes import _spec, sub
+    from test_comfy_nodes import _spec, _tiny_dataset, sub
 
     from trainer.model import tiny_model_path
     from trainer.runstore import RunReader
@@ -345,10 +344,7 @@ def test_comfy_trainer_with_two_gpus_trains_in_a_torchrun_child_and_cancel_saves
     training = sub("nodes.training")
     events = []
     monkeypatch.setattr(training, "send_event", lambda name, data: events.append((name, data)))
-    for i in range(2):
-        Image.new("RGB", (64, 64), (i * 100, 50, 0)).save(tmp_path / f"{i}.png")
-        (tmp_path / f"{i}.txt").write_text("tiny")
-    dataset = sub("nodes.dataset_spec").build_dataset(str(tmp_path), 64, False, 64, 1, False)
+    dataset = sub("nodes.dataset_spec").build_dataset(str(_tiny_dataset(tmp_path)), 64, False, 64, 1, False)
 
     class Cancelled(Exception):  # stands in for ComfyUI's InterruptProcessingException
         pass
