@@ -15,14 +15,11 @@ PACK = "emolora_pack_under_test"
 
 
 def load_pack():
-    """Import the repository as a package the way ComfyUI does (custom_nodes/<folder>/__init__.py)."""
-    if PACK in sys.modules:
-        return sys.modules[PACK]
-    spec = importlib.util.spec_from_file_location(PACK, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[PACK] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    """Import the repository as a package the way ComfyUI does (custom_nodes/<folder>/__init__.py), under a name
+    of its own."""
+    from trainer.cli import load_pack as load
+
+    return load(PACK)
 
 
 def sub(name: str):
