@@ -204,11 +204,11 @@ def test_killed_worker_ends_the_job_naming_the_rank_and_the_run_resumes_under_to
     run_dir = next(runs.iterdir())
     state = load_state(run_dir / "state" / "state.pt")
     assert len(state["rank_rngs"]) == 2  # every rank's RNGs
-    resumed_from = state["step"]
+    resumed_from = state["loop"]["step"]
     r = _run(_torchrun(2, "-m", "trainer", "train", "--resume", str(run_dir), "--steps", str(resumed_from + 2),
                        "--threads", "1", "--no-progress"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert load_state(run_dir / "state" / "state.pt")["step"] == resumed_from + 2
+    assert load_state(run_dir / "state" / "state.pt")["loop"]["step"] == resumed_from + 2
     assert len(list(runs.iterdir())) == 1
 
 

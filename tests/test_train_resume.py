@@ -112,3 +112,15 @@ def test_resume_can_extend_a_finished_run_and_uses_the_disk_cache(tmp_path):
     assert more.steps_done == 5 and more.stop_reason == "finished"
     assert sorted(p.name for p in (tmp_path / "out" / "cache").rglob("*.safetensors")) == cached
     assert sorted(losses(more.run_dir)) == [1, 2, 3, 4, 5]
+
+
+def test_state_files_of_the_earlier_layout_still_resume():
+    """Before LoopState was saved whole, state.pt held the position at the top and the counters beside it."""
+    from trainer.parts import LoopState
+    from trainer.state import saved_loop
+
+    loop = LoopState(step=7, epoch=1, batch_in_epoch=2, skipped=1, consecutive_skips=0, should_stop_prev=True)
+    assert saved_loop({"loop": loop.to_dict()}) == loop
+    legacy = {"step": 7, "epoch": 1, "batch_in_epoch": 2,
+              "counters": {"skipped": 1, "consecutive_skips": 0, "should_stop_prev": True}}
+    assert saved_loop(legacy) == loop  # counters added since (rollbacks, validation) take their defaults

@@ -82,16 +82,12 @@ def save_trainer_state(run: RunSetup, loop: LoopState, store, rank_rngs: list | 
     rank order, when several processes train (trainer/distributed.py)."""
     path = store.state_dir / STATE_FILE
     state = {
-        "step": loop.step, "epoch": loop.epoch, "batch_in_epoch": loop.batch_in_epoch,
+        "loop": loop.to_dict(),
         "lora": [p.detach().cpu().clone() for p in run.params],
         "optimizer": run.optimizer.state_dict(),
         "pulse": run.pulse.state_dict() if run.pulse is not None else None,
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "rng": rng_state(),
-        "counters": {"skipped": loop.skipped, "consecutive_skips": loop.consecutive_skips,
-                     "should_stop_prev": loop.should_stop_prev, "val_best": loop.val_best,
-                     "val_stale": loop.val_stale, "rolled_back": loop.rolled_back,
-                     "consecutive_bad": loop.consecutive_bad},
         "dataset": dataset_fingerprint(run.items),
     }
     if rank_rngs is not None:
@@ -99,6 +95,14 @@ def save_trainer_state(run: RunSetup, loop: LoopState, store, rank_rngs: list | 
     save_state(path, state)
     store.event(loop.step, "state", {"path": str(path)})
     return path
+
+
+def saved_loop(state: dict) -> LoopState:
+    """Where the saved loop stood. Files written before LoopState was saved whole hold the position at the top
+    and the counters under "counters" (what they lack takes LoopState's defaults)."""
+    if "loop" in state:
+        return LoopState.from_dict(state["loop"])
+    return LoopState.from_dict({**state["counters"], **{k: state[k] for k in ("step", "epoch", "batch_in_epoch")}})
 
 
 def restore_trainer_state(cfg, run: RunSetup, store, rank: int = 0, world: int = 1) -> LoopState:
@@ -118,12 +122,7 @@ def restore_trainer_state(cfg, run: RunSetup, store, rank: int = 0, world: int =
         run.pulse.load_state_dict(state["pulse"])
     if run.scaler is not None and state.get("scaler") is not None:
         run.scaler.load_state_dict(state["scaler"])
-    c = state["counters"]
-    loop = LoopState(step=state["step"], epoch=state["epoch"], batch_in_epoch=state["batch_in_epoch"],
-                     skipped=c["skipped"], consecutive_skips=c["consecutive_skips"],
-                     should_stop_prev=c["should_stop_prev"], val_best=c.get("val_best"),
-                     val_stale=c.get("val_stale", 0), rolled_back=c.get("rolled_back", 0),
-                     consecutive_bad=c.get("consecutive_bad", 0))
+    loop = saved_loop(state)
     if state.get("dataset") != dataset_fingerprint(run.items):
         log.warning("resume: the dataset changed since the state was saved; the data order will differ")
     rank_rngs = state.get("rank_rngs") or [state["rng"]]
