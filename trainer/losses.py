@@ -56,6 +56,7 @@ def fixed_loss(cfg: TrainConfig, run: RunSetup, batches, tag: str) -> float:
         for k, b in enumerate(batches):
             n = b.latents.shape[0]
             latents = b.latents.to(dev, torch.float32).repeat(rep, 1, 1, 1)
+            # batch 0's noise is the single eval batch's of earlier versions: eval losses stay comparable
             g = torch.Generator().manual_seed(mix_seed(cfg.seed, tag) if k == 0 else mix_seed(cfg.seed, tag, k))
             noise = torch.randn(latents.shape, generator=g).to(dev)
             mask = b.mask.repeat(rep, 1, 1, 1) if b.mask is not None else None

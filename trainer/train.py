@@ -402,7 +402,7 @@ class Trainer:
         if self._tb is not None:
             telemetry.log_tensorboard(self._tb, step, record)
         flag = record["should_stop"]
-        mode = self.control.state.get("auto_stop") or cfg.auto_stop
+        mode = self._auto_stop_mode()
         if flag != loop.should_stop_prev:
             self.store.event(step, "should_stop", {"value": flag, "auto_stop": mode})
             if flag:
@@ -438,6 +438,10 @@ class Trainer:
                 self._finish(error=repr(e))
                 raise
 
+    def _auto_stop_mode(self) -> str:
+        """stop / mark / off: the control file's (the panel may change it while the run goes), else the config's."""
+        return self.control.state.get("auto_stop") or self.cfg.auto_stop
+
     def _poll_control(self) -> None:
         state = self.control.poll()
         save_now = int(state.get("save_now") or 0)
@@ -465,8 +469,8 @@ class Trainer:
         cfg, loop = self.cfg, self.loop
         value = fixed_loss(cfg, self.built, self.built.val_batches, "validation")
         note_validation(loop, value)
-        mode = self.control.state.get("auto_stop") or cfg.auto_stop
-        if cfg.auto_stop_on == "val-plateau" and loop.val_stale >= cfg.val_patience and mode == "stop":
+        plateau = cfg.auto_stop_on == "val-plateau" and loop.val_stale >= cfg.val_patience
+        if plateau and self._auto_stop_mode() == "stop":
             log.info("step %d: no new validation minimum for %d validations (best %.5f): stopping", loop.step,
                      loop.val_stale, loop.val_best)
             self.store.event(loop.step, "val_plateau", {"best": loop.val_best, "stale": loop.val_stale})
