@@ -144,6 +144,7 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     import torch
 
     from ..trainer.config import build_config
+    from ..trainer.telemetry import validation_line
     from ..trainer.train import train
 
     if not isinstance(optimizer, OptimizerSpec):
@@ -240,13 +241,3 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
             "steps_done": result.steps_done, "stop_reason": result.stop_reason, "samples": list(samples),
             "config": config, "message": result.message or "", "validation": validation_line(result.summary)}
 
-
-def validation_line(summary: dict) -> str:
-    """The validation loss in words (empty without validation images)."""
-    if summary.get("val_loss_min") is None:
-        return ""
-    text = (f"validation loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f}, lowest "
-            f"{summary['val_loss_min']:.4f} at step {summary['val_loss_min_step']}")
-    if summary.get("should_stop_step") is not None:
-        text += f"; should_stop rose at step {summary['should_stop_step']}"
-    return text

@@ -346,11 +346,11 @@ def test_sample_files_of_a_step_in_prompt_order(tmp_path):
 
 
 def test_validation_line_reports_the_minimum_and_should_stop():
-    training = sub("nodes.training")
+    telemetry = sub("trainer.telemetry")  # the node's and the CLI's summary line
     summary = {"val_loss_start": 1.25, "val_loss_end": 0.95, "val_loss_min": 0.9, "val_loss_min_step": 300}
-    assert training.validation_line({}) == ""
-    assert training.validation_line(summary) == "validation loss 1.2500 -> 0.9500, lowest 0.9000 at step 300"
-    assert training.validation_line({**summary, "should_stop_step": 120}).endswith("should_stop rose at step 120")
+    assert telemetry.validation_line({}) == ""
+    assert telemetry.validation_line(summary) == "validation loss 1.2500 -> 0.9500, lowest 0.9000 at step 300"
+    assert telemetry.validation_line({**summary, "should_stop_step": 120}).endswith("should_stop rose at step 120")
 
 
 @pytest.mark.slow

@@ -180,6 +180,8 @@ def _run(cfg, progress: bool):
 
 
 def _print_summary(result) -> None:
+    from .telemetry import validation_line
+
     s = result.summary
     lines = [f"LoRA: {result.lora_path}", f"run:  {result.run_dir}",
              f"steps: {result.steps_done} ({result.stop_reason}), skipped: {result.skipped_steps}"
@@ -190,6 +192,8 @@ def _print_summary(result) -> None:
         lines.append(f"loss: {s['loss_start']:.4f} -> {s['loss_end']:.4f} (min {s['loss_min']:.4f})")
     if "eval_loss_start" in s:
         lines.append(f"eval loss (fixed batch): {s['eval_loss_start']:.4f} -> {s['eval_loss_end']:.4f}")
+    if validation_line(s):
+        lines.append(validation_line(s))
     if "emo_scalar_min" in s:
         lines.append(f"emo_scalar: {s['emo_scalar_min']:+.4f} .. {s['emo_scalar_max']:+.4f}")
     if "emo_pulse_min" in s:

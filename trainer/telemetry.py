@@ -163,3 +163,14 @@ def summary(run_dir, steps: int, skipped: int, device: torch.device) -> dict:
     mem = memory(device)
     out["peak_mem_mb"] = mem.get("mem_peak_mb", mem.get("rss_peak_mb"))
     return out
+
+
+def validation_line(summary: dict) -> str:
+    """The validation loss in words (empty without validation images)."""
+    if summary.get("val_loss_min") is None:
+        return ""
+    text = (f"validation loss {summary['val_loss_start']:.4f} -> {summary['val_loss_end']:.4f}, lowest "
+            f"{summary['val_loss_min']:.4f} at step {summary['val_loss_min_step']}")
+    if summary.get("should_stop_step") is not None:
+        text += f"; should_stop rose at step {summary['should_stop_step']}"
+    return text
