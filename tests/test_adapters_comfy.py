@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from _lora_helpers import CONFIGS, NET, base_modules, comfy_key, randomize, rel_err, unet_out
+from conftest import require
 from safetensors.torch import save_file
 
 from trainer.model import LoRANetwork, encode_prompts, load_sdxl, save_lora, tiny_model_path
@@ -20,8 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def comfy_env():
-    if os.environ.get("EMOLORA_SKIP_COMFY") and os.environ.get("CI") != "true":
-        pytest.skip("EMOLORA_SKIP_COMFY is set")
+    require(not os.environ.get("EMOLORA_SKIP_COMFY"), "EMOLORA_SKIP_COMFY is set")
     import comfy_harness as H
 
     src = H.extract_source(H.fetch_wheel())

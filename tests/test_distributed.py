@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _trainer_helpers import lora_tensors, tiny_config
+from conftest import require_module
 
 from trainer.launch import launch_command
 
@@ -277,7 +278,7 @@ def test_lockstep_checksum_covers_the_emotion_state_not_only_tensors():
 
 
 def test_panel_start_with_two_gpus_runs_the_same_cli_under_torchrun(tmp_path):
-    pytest.importorskip("gradio")
+    require_module("gradio", "the panel needs gradio (requirements.txt)")
     from trainer.cli import load_pack
 
     pack = load_pack().__name__  # the panel imports the trainer relatively, as part of the pack
@@ -293,7 +294,7 @@ def test_panel_start_with_two_gpus_runs_the_same_cli_under_torchrun(tmp_path):
 
 
 def test_panel_start_form_gpus_field_starts_the_run_under_torchrun(tmp_path, monkeypatch):
-    pytest.importorskip("gradio")
+    require_module("gradio", "the panel needs gradio (requirements.txt)")
     from trainer.cli import load_pack
 
     pack = load_pack().__name__

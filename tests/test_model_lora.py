@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 from _lora_helpers import unet_out
+from conftest import require_module
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -302,7 +303,7 @@ COMPLAINT = r"unexpected|missing|not loaded|not found|unmatched|incompatible|did
 
 
 def test_diffusers_pipeline_loads_our_export_without_key_problems(tiny_path, tmp_path):
-    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (test dependency)")
+    require_module("peft", "diffusers' load_lora_weights needs peft (requirements-dev.txt)")
     trained = load_sdxl(tiny_path)
     net = LoRANetwork(trained, rank=4, alpha=2.0, conv_rank=2, conv_alpha=1.0, train_te=True)
     randomize_up(net, std=0.5)
@@ -347,7 +348,7 @@ def test_diffusers_applies_rslora_as_trained_and_drops_dora(tiny_path, tmp_path)
     """rsLoRA files are plain kohya LoRA with alpha * sqrt(rank): diffusers applies the trained scale. diffusers
     (0.42) drops every dora_scale of a kohya SDXL file, so a DoRA loads there as its plain LoRA part only (the
     README says so; this test notices when that changes)."""
-    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (test dependency)")
+    require_module("peft", "diffusers' load_lora_weights needs peft (requirements-dev.txt)")
     for kind in ("rslora", "dora"):
         trained = load_sdxl(tiny_path)
         net = LoRANetwork(trained, rank=4, alpha=3.0, conv_rank=2, train_te=True, **{kind: True})

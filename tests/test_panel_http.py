@@ -15,8 +15,9 @@ import urllib.parse
 import urllib.request
 
 import pytest
+from conftest import require_module
 
-pytest.importorskip("gradio")
+require_module("gradio", "the panel needs gradio (requirements.txt)")
 
 from trainer.cli import load_pack  # noqa: E402
 from trainer.runstore import RunStore  # noqa: E402

@@ -4,8 +4,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
-pytest.importorskip("gradio")
+require_module("gradio", "the panel needs gradio (requirements.txt)")
 
 from _trainer_helpers import make_dataset  # noqa: E402
 

@@ -10,8 +10,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from conftest import require_module
 
-pytest.importorskip("gradio")
+require_module("gradio", "the panel needs gradio (requirements.txt)")
 
 from trainer.cli import load_pack  # noqa: E402
 from trainer.runstore import RunStore  # noqa: E402

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 from _trainer_helpers import tiny_config
+from conftest import require
 
 from trainer.runstore import RunReader
 from trainer.train import Trainer, train
@@ -12,9 +13,8 @@ from trainer.train import Trainer, train
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
-@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,
-                    reason="inductor needs a C compiler on the CPU")
 def test_compiled_blocks_train_like_eager(tmp_path):
+    require(shutil.which("gcc") or shutil.which("cc"), "torch.compile's inductor needs a C compiler on the CPU")
     from diffusers.models.attention import BasicTransformerBlock
 
     eager = train(tiny_config(tmp_path / "eager", steps=2, optimizer="AdamW", lr=1e-4))
