@@ -256,6 +256,27 @@ def test_controls_write_the_control_file_of_the_selected_run(tmp_path):
     assert _out(app, out3, "stop_btn")["interactive"] is False and _out(app, out3, "save_btn")["interactive"] is False
 
 
+def test_following_shows_a_run_that_started_and_finished_between_two_refreshes(tmp_path):
+    """A short run (a 3-step run from the form) can be 'running' only between two refreshes: following, the panel
+    still moves to it once it is the newest run; not following, it stays on the pick."""
+    from emolora.web.panel.app import PanelApp
+
+    fake_run(tmp_path / "runs", "watched", status="finished", steps=7)
+    app = PanelApp(tmp_path)
+    assert app.pick_run(None, True) == "watched"
+    time.sleep(0.01)
+    fake_run(tmp_path / "runs", "quick", status="finished", steps=3)
+    app._runs_at = 0.0  # the next refresh re-reads the run list
+    assert app.pick_run("watched", False) == "watched"
+    assert app.pick_run("watched", True) == "quick"
+    out = app.tick("watched", "", True, [], {})
+    assert _out(app, out, "run")["value"] == "quick" and "data-step='3'" in _out(app, out, "status")
+    # a running run comes first, even an older one
+    fake_run(tmp_path / "runs", "older-live", status="running", steps=2).set_meta(started_at=1.0)
+    app._runs_at = 0.0
+    assert app.pick_run("quick", True) == "older-live"
+
+
 def test_a_link_with_a_run_name_opens_that_run(tmp_path):
     from types import SimpleNamespace
 

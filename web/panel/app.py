@@ -75,12 +75,13 @@ class PanelApp:
         return f"{r['name']}  [{r.get('status', '?')}, {r.get('optimizer', '?')}]"
 
     def pick_run(self, current, follow: bool) -> str | None:
+        """Following: the newest running run, else the newest run (a short run can start and finish between two
+        refreshes; it is still the one to show). Not following: the run picked."""
         runs = self.runs()
         names = [r["name"] for r in runs]
-        if follow:
+        if follow and names:
             running = [r["name"] for r in runs if r.get("status") == "running"]
-            if running and current not in running:
-                return running[0]
+            return running[0] if running else names[0]
         if current in names:
             return current
         return names[0] if names else None
@@ -313,7 +314,7 @@ class PanelApp:
             gr.Markdown(f"### EmoLoRA training panel\nOutput folder: `{self.root.root}`")
             with gr.Row():
                 run = gr.Dropdown(label="Run", choices=[], value=None, scale=3, elem_id="emolora-run")
-                follow = gr.Checkbox(label="Follow the newest running run", value=True, scale=1,
+                follow = gr.Checkbox(label="Follow the newest run", value=True, scale=1,
                                      elem_id="emolora-follow")
                 compare = gr.Dropdown(label="Overlay another run", choices=[("(none)", "")], value="", scale=2,
                                       elem_id="emolora-compare")
