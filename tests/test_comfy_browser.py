@@ -21,7 +21,7 @@ CHROMIUM = os.environ.get("EMOLORA_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RES = 128  # the cheapest size that still exercises buckets, the VAE and every UNet level
-STEPS = 2
+STEPS = 4  # long enough to outlast the panel's first start (~5 s on 2 cores): the frame must see it running
 
 
 def artifacts_dir() -> Path:
@@ -190,7 +190,7 @@ def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(b
                           "last: window.__emolora.last, samples: window.__emolora.samples})")
     assert state["events"] >= 2 and state["draws"] > before, state
     assert state["last"]["status"] == "done", state
-    assert state["samples"] == 1, state
+    assert state["samples"] == STEPS // 2, state  # sample_every 2
     comfy.wait_idle()  # the telemetry plot after the trainer
     page.wait_for_timeout(300)
     previews = page.evaluate("() => { clearInterval(window.__previewWatch); return window.__previewSeen; }")
