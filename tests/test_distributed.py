@@ -1,6 +1,8 @@
-"""Multi-process training (trainer/distributed.py) on the CPU with gloo, launched as users do: torchrun.
+"""Multi-process training (trainer/distributed.py) on the CPU with gloo, launched as users do: torchrun (one node,
+two nodes over loopback) and `accelerate launch --multi_gpu`.
 
-Each launch is a real `python -m torch.distributed.run ... -m trainer train` on the tiny SDXL at 64 px.
+Each launch is a real `python -m torch.distributed.run ... -m trainer train` (or accelerate's launcher) on the tiny
+SDXL at 64 px.
 """
 
 import importlib
@@ -87,17 +89,31 @@ def _step_losses(run_dir) -> list:
 # AdamW's eps is raised so that gradient elements that cancel to ~0 (whose sign is float noise) do not become
 # full-size steps: with eps=1e-8 even one process on 1 vs 2 BLAS threads differs by ~1e-2 of max|b| in a
 # zero-initialised lora_up after 6 steps. A real fault (other noise, a rank-local loss) differs by O(1).
-@pytest.mark.parametrize("optimizer,args,nodes", [("AdamW", {"eps": 1e-4}, 2), ("EmoNavi", {"eps": 1e-4}, 1)],
-                         ids=["AdamW-two-nodes-loopback", "EmoNavi-one-node"])
+def _accelerate(nproc: int, *args) -> list:
+    """`accelerate launch --multi_gpu`: accelerate starts the workers through torchrun's launcher with the same
+    RANK/WORLD_SIZE/LOCAL_RANK variables (gloo here, as no CUDA device is visible). Every choice is given, so no
+    accelerate config file is read."""
+    require_module("accelerate", "pip install accelerate (requirements-dev.txt)")
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+            "--num_machines=1", f"--main_process_port={_free_port()}", "--mixed_precision=no",
+            "--dynamo_backend=no", *args]
+
+
+@pytest.mark.parametrize("optimizer,args,launcher", [("AdamW", {"eps": 1e-4}, "two-nodes"),
+                                                     ("EmoNavi", {"eps": 1e-4}, "standalone"),
+                                                     ("EmoNavi", {"eps": 1e-4}, "accelerate")],
+                         ids=["AdamW-two-nodes-loopback", "EmoNavi-one-node", "EmoNavi-accelerate-launch"])
 def test_two_ranks_train_the_same_lora_as_one_process_with_twice_the_batch(tmp_path, one_thread, optimizer,
-                                                                           args, nodes):
+                                                                           args, launcher):
     one = tiny_config(tmp_path / "one", optimizer=optimizer, optimizer_args=args, batch_size=2, steps=6,
                       cache_latents="disk", cache_text="disk")
     ref = _single_process(one)
     two = one.replace(batch_size=1, output=str(tmp_path / "two" / "lora.safetensors"), cache_dir=None)
     config = _config_file(two, tmp_path / "two.json")
-    if nodes == 1:  # the command a host (panel, node) gets for gpus=2: torchrun --standalone
+    if launcher == "standalone":  # the command a host (panel, node) gets for gpus=2: torchrun --standalone
         results = [_run(launch_command(_train_args(config)[2:], 2))]
+    elif launcher == "accelerate":
+        results = [_run(_accelerate(2, *_train_args(config)))]
     else:
         endpoint = f"127.0.0.1:{_free_port()}"
         procs = [subprocess.Popen(_torchrun(1, *_train_args(config), nnodes=2, node_rank=r, endpoint=endpoint),
