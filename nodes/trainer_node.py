@@ -116,6 +116,9 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("compile", default=False, optional=True,
                                  tooltip="torch.compile the UNet's transformer blocks: a slower start, faster steps "
                                          "on a GPU."),
+                io.Boolean.Input("tucker", default=False, optional=True,
+                                 tooltip="Tucker cores for the 3x3 conv layers (LyCORIS use_tucker); needs "
+                                         "conv_rank > 0, network lora or loha."),
                 *_gpus_input(),
             ],
             outputs=[
@@ -133,7 +136,7 @@ class EmoLoRATrainer(io.ComfyNode):
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
                 sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
-                compile=False, gpus=1) -> io.NodeOutput:
+                compile=False, tucker=False, gpus=1) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -159,7 +162,7 @@ class EmoLoRATrainer(io.ComfyNode):
                    "sample_size": int(sample_size) or None, "sample_steps": int(sample_steps),
                    "network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": weights,
                    "auto_stop_on": auto_stop_on or "should_stop", "validation_every": int(validation_every or 0),
-                   "val_patience": int(val_patience or 5), "compile": bool(compile)}
+                   "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker)}
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
         free_comfy_models()

@@ -15,6 +15,9 @@ CONFIGS = {
     "lokr": dict(network="lokr"),  # LyCORIS defaults: factor -1, w1 full, w2 full or a rank-r pair by size
     "lokr-decomposed": dict(network="lokr", lokr_factor=2, lokr_decompose_both=True),
     "loha-dora": dict(network="loha", dora=True),
+    # LyCORIS's use_tucker: cores on the 3x3 convs (lora_mid, hada_t1/t2)
+    "lora-tucker": dict(network="lora", tucker=True),
+    "loha-tucker": dict(network="loha", tucker=True),
 }
 NET = dict(rank=4, alpha=3.0, conv_rank=2, conv_alpha=1.5, train_te=True)
 

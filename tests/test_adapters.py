@@ -50,16 +50,27 @@ def test_export_layout_and_metadata_of_every_type(tiny, tmp_path):
         "rslora": {"lora_down.weight", "lora_up.weight", "alpha"},
         "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
         "lokr-decomposed": {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"},
+        "lora-tucker": {"lora_down.weight", "lora_up.weight", "alpha"},
+        "loha-tucker": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
     }
+    tucker_cores = {"lora-tucker": {"lora_mid.weight"}, "loha-tucker": {"hada_t1", "hada_t2"}}
     for name, suffixes in expect.items():
         model, net = make(tiny, **CONFIGS[name])
         sd = net.kohya_state_dict(torch.float16)
         for module in net.loras:
-            assert {k.split(".", 1)[1] for k in sd if k.split(".", 1)[0] == module} == suffixes, (name, module)
+            want = suffixes | (tucker_cores.get(name, set()) if net.loras[module].weight_shape[2:] == (3, 3) else set())
+            assert {k.split(".", 1)[1] for k in sd if k.split(".", 1)[0] == module} == want, (name, module)
         if name == "dora":  # input-axis magnitudes, the orientation every loader applies correctly
             assert sd[f"{Q}.dora_scale"].shape == (1, 64) and sd[f"{CONV}.dora_scale"].shape == (1, 32, 1, 1)
         if name == "loha":
             assert sd[f"{CONV}.hada_w1_a"].shape == (32, 2) and sd[f"{CONV}.hada_w1_b"].shape == (2, 32 * 9)
+        if name == "loha-tucker":  # LyCORIS's Tucker layout: w_a (r, out), w_b (r, in), t (r, r, 3, 3)
+            assert sd[f"{CONV}.hada_w1_a"].shape == (2, 32) and sd[f"{CONV}.hada_w1_b"].shape == (2, 32)
+            assert sd[f"{CONV}.hada_t1"].shape == (2, 2, 3, 3)
+        if name == "lora-tucker":
+            assert sd[f"{CONV}.lora_down.weight"].shape == (2, 32, 1, 1)
+            assert sd[f"{CONV}.lora_mid.weight"].shape == (2, 2, 3, 3)
+            assert sd[f"{CONV}.lora_up.weight"].shape == (32, 2, 1, 1)
         # loaders apply alpha / rank; rsLoRA's trained scale alpha / sqrt(rank) is stored as alpha * sqrt(rank)
         want = 3.0 * math.sqrt(4) if name == "rslora" else 3.0
         assert float(sd[f"{Q}.alpha"]) == pytest.approx(want) and sd[f"{Q}.alpha"].dtype == torch.float32
@@ -74,6 +85,7 @@ def test_export_layout_and_metadata_of_every_type(tiny, tmp_path):
         else:
             assert md["ss_network_module"] == "lycoris.kohya"
             assert args["algo"] == CONFIGS[name]["network"] and args["conv_dim"] == "2"
+        assert args.get("use_tucker") == ("True" if name.endswith("-tucker") else None)
         assert ("dora_wd" in args) == (name == "dora") and ("rs_lora" in args) == (name == "rslora")
         if name == "dora":
             assert args["dora_wd"] == "True" and args["wd_on_output"] == "False"
@@ -173,9 +185,18 @@ def test_mismatches_name_the_file_and_the_key(tiny, tmp_path):
         make(tiny)[1].load_weights(tmp_path / "partial.safetensors")
     with pytest.raises(LoRAError, match=r"key 'lora_unet_x\.weird' is not a LoRA"):
         no_conv.load_weights({"lora_unet_x.weird": torch.zeros(1)})
-    with pytest.raises(LoRAError, match=r"lora_mid\.weight: Tucker"):
-        no_conv.load_weights({f"{Q}.lora_mid.weight": torch.zeros(1), f"{Q}.lora_up.weight": torch.zeros(1)},
-                             strict=False)
+    _, tucker = make(tiny, tucker=True)
+    with pytest.raises(LoRAError, match=rf"lora\.safetensors: {CONV}\.lora_mid\.weight: the file does not use "
+                                         r"Tucker cores .* set tucker to False"):
+        tucker.load_weights(files["lora"])
+    tucker_file = save_lora(tmp_path / "tucker.safetensors", tucker, {})
+    with pytest.raises(LoRAError, match=rf"tucker\.safetensors: {CONV}\.lora_mid\.weight: the file uses Tucker "
+                                         r"cores .* set tucker to True \(--tucker\)"):
+        make(tiny)[1].load_weights(tucker_file)
+    with pytest.raises(LoRAError, match=r"lokr_t2: LoKr with Tucker cores is not supported"):
+        no_conv.load_weights({f"{Q}.lokr_t2": torch.zeros(1), f"{Q}.lokr_w2_a": torch.zeros(1)}, strict=False)
+    with pytest.raises(LoRAError, match="tucker works with network lora or loha"):
+        make(tiny, network="lokr", tucker=True)
     with pytest.raises(LoRAError, match="cannot read LoRA file .*missing.safetensors"):
         no_conv.load_weights(tmp_path / "missing.safetensors")
 
@@ -188,11 +209,16 @@ def _layers():
 
 
 TYPES = {"lora": {}, "dora": dict(dora=True), "rslora": dict(rslora=True), "loha": {}, "lokr": {},
-         "lokr-decomposed": dict(lokr_factor=2, lokr_decompose_both=True)}
+         "lokr-decomposed": dict(lokr_factor=2, lokr_decompose_both=True), "lora-tucker": dict(tucker=True),
+         "loha-tucker": dict(tucker=True)}
+
+
+def _network(kind: str) -> str:
+    return "lokr" if kind.startswith("lokr") else ("loha" if kind.startswith("loha") else "lora")
 
 
 def _adapters(kind):
-    network = "lokr" if kind.startswith("lokr") else ("loha" if kind == "loha" else "lora")
+    network = _network(kind)
     layers = _layers()
     adapters = [ADAPTERS[network](f"m{i}", layer, 2, 1.0, **TYPES[kind]) for i, layer in enumerate(layers)]
     return layers, adapters
@@ -216,6 +242,8 @@ def test_every_optimizer_steps_every_adapter_type(kind):
         assert (1, 1) in shapes  # kron factors of prime sizes
     if kind == "lokr-decomposed":
         assert any(1 in s for s in shapes if len(s) == 2)
+    if kind.endswith("-tucker"):
+        assert (2, 2, 3, 3) in shapes  # the Tucker cores
     for name in OPTIMIZERS:
         layers, adapters = _adapters(kind)
         params = [p for a in adapters for p in a.trainable()]
@@ -248,11 +276,11 @@ class OpLog(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("kind", list(TYPES))
+@pytest.mark.parametrize("kind", [k for k in TYPES if not k.endswith("-tucker")])  # tucker: convs only
 def test_forward_computes_in_the_autocast_dtype_without_fp32_activations(kind):
     """bf16 autocast on the CPU: the fp32 master weights are cast down (one cast each), the activations are never
     copied to float32, and the gradients arrive in float32."""
-    network = "lokr" if kind.startswith("lokr") else ("loha" if kind == "loha" else "lora")
+    network = _network(kind)
     base = nn.Linear(64, 64).to(torch.bfloat16).requires_grad_(False)
     adapter = ADAPTERS[network]("m", base, 4, 4.0, **TYPES[kind])
     randomize_one(adapter)

@@ -1,5 +1,6 @@
-"""The adapter types through the trainer: a LoHa run stopped and resumed is bit-identical (CPU), and the CLI trains
-a LoKr and continues it from its file (--network-weights), the step count carried on in the metadata."""
+"""The adapter types through the trainer: a LoHa run (Tucker cores on its convs) stopped and resumed is
+bit-identical (CPU), and the CLI trains a LoKr and continues it from its file (--network-weights), the step count
+carried on in the metadata."""
 
 import pytest
 from _trainer_helpers import make_dataset, tiny_config
@@ -22,7 +23,7 @@ def _meta_and_keys(path):
 
 @pytest.mark.slow
 def test_loha_stop_at_k_and_resume_is_bit_identical(tmp_path):
-    kw = dict(RANDOM_EVERYWHERE, network="loha", conv_rank=2, optimizer="EmoFact", lr=1e-3)
+    kw = dict(RANDOM_EVERYWHERE, network="loha", conv_rank=2, tucker=True, optimizer="EmoFact", lr=1e-3)
     ref = train(tiny_config(tmp_path / "a", **kw))
 
     def stop_at_3(info):
@@ -38,6 +39,7 @@ def test_loha_stop_at_k_and_resume_is_bit_identical(tmp_path):
     assert losses(ref.run_dir) == losses(resumed.run_dir)
     meta, keys = _meta_and_keys(ref.lora_path)
     assert meta["ss_network_module"] == "lycoris.kohya" and '"algo": "loha"' in meta["ss_network_args"]
+    assert '"use_tucker": "True"' in meta["ss_network_args"] and any(k.endswith(".hada_t2") for k in keys)
     assert any(k.endswith(".hada_w2_b") for k in keys) and not any("lora_up" in k for k in keys)
 
 

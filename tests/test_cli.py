@@ -51,6 +51,16 @@ def test_missing_network_weights_and_validation_folder_fail_before_the_model_loa
     assert_clean_error(code, err, "not found", tmp_path / "val")
 
 
+def test_tucker_flag_reaches_the_config_and_its_limits_are_named(tmp_path, data, capsys):
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"not even read")
+    base = ("train", "--model", model, "--data", data, "--output", tmp_path / "o.safetensors", "--tucker")
+    code, _, err = run_cli(capsys, *base)
+    assert_clean_error(code, err, "tucker needs conv_rank > 0")
+    code, _, err = run_cli(capsys, *base, "--network", "lokr", "--set", "conv_rank=4")
+    assert_clean_error(code, err, "tucker works with network lora or loha")
+
+
 def test_missing_data_folder_fails_before_the_model_loads(tmp_path, capsys):
     model = tmp_path / "m.safetensors"
     model.write_bytes(b"not even read")

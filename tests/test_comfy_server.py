@@ -188,8 +188,8 @@ def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
 
 
 def test_interrupt_saves_a_loha_the_stock_loader_loads(comfy, dataset_dir):
-    """A LoHa (LyCORIS layout) trained through the server, cancelled after its first step: the file is saved and
-    the stock LoraLoader uses every key of it."""
+    """A LoHa (LyCORIS layout, Tucker cores on its 3x3 convs) trained through the server, cancelled after its first
+    step: the file is saved and the stock LoraLoader uses every key of it."""
     sent = []
 
     def on_event(run, ev):
@@ -198,7 +198,8 @@ def test_interrupt_saves_a_loha_the_stock_loader_loads(comfy, dataset_dir):
             sent.append(data["value"])
             comfy.interrupt()
 
-    prompt = trainer_only_prompt(data=str(dataset_dir), steps=200, output_name="cancelled", network="loha")
+    prompt = trainer_only_prompt(data=str(dataset_dir), steps=200, output_name="cancelled", network="loha",
+                                 conv_rank=2, tucker=True)
     run = comfy.run_prompt(prompt, timeout=1500, on_event=on_event)
     assert sent, "no progress event before the end"
     assert run.outcome == "execution_interrupted", (run.of_type("execution_error"), comfy.log_tail())
@@ -212,6 +213,7 @@ def test_interrupt_saves_a_loha_the_stock_loader_loads(comfy, dataset_dir):
     assert any(k.startswith("lora_unet_") and k.endswith(".hada_w1_a") for k in keys)
     assert not any(".lora_down" in k for k in keys)
     assert meta["ss_network_module"] == "lycoris.kohya" and '"loha"' in meta["ss_network_args"]
+    assert '"use_tucker": "True"' in meta["ss_network_args"] and any(k.endswith(".hada_t1") for k in keys)
     assert int(meta.get("ss_steps", "1")) < 200
     assert [t for t in run.of_type("emolora.telemetry") if t.get("status") == "interrupted"]
     mark = len(comfy.log_text())

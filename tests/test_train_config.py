@@ -78,6 +78,8 @@ def test_bad_values_name_the_option():
         ({"sample_every": 10}, "sample_prompts"),
         ({"resolutoin": 1024}, "unknown option 'resolutoin'.*did you mean 'resolution'"),
         ({"steps": "many"}, "steps must be int"),
+        ({"tucker": True}, "tucker needs conv_rank > 0"),
+        ({"tucker": True, "conv_rank": 4, "network": "lokr"}, "tucker works with network lora or loha"),
     ]
     for change, msg in cases:
         with pytest.raises(ConfigError, match=msg):

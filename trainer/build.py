@@ -202,7 +202,8 @@ def make_network(cfg: TrainConfig, model):
     network = M.LoRANetwork(model, cfg.rank, cfg.network_alpha, dropout=cfg.network_dropout,
                             conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, train_te=cfg.train_text_encoder,
                             network=cfg.network, dora=cfg.dora, rslora=cfg.rslora, lokr_factor=cfg.lokr_factor,
-                            lokr_full_matrix=cfg.lokr_full_matrix, lokr_decompose_both=cfg.lokr_decompose_both)
+                            lokr_full_matrix=cfg.lokr_full_matrix, lokr_decompose_both=cfg.lokr_decompose_both,
+                            tucker=cfg.tucker)
     if cfg.network_weights:  # continue an existing file (a resume then restores the saved state over it)
         M.load_network_weights(network, cfg.network_weights)
     return network

@@ -46,6 +46,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dora", action="store_true", default=None, help="weight-decomposed adapters (DoRA)")
     p.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scale alpha/sqrt(rank)")
     p.add_argument("--lokr-factor", type=int, dest="lokr_factor", help="LoKr factor (default -1: balanced)")
+    p.add_argument("--tucker", action="store_true", default=None,
+                   help="Tucker cores for the 3x3 conv adapters (LyCORIS use_tucker; needs conv_rank > 0)")
     p.add_argument("--network-weights", dest="network_weights", metavar="FILE",
                    help="continue from a LoRA/LoHa/LoKr file (ours, kohya's or LyCORIS's)")
     p.add_argument("--batch-size", type=int, dest="batch_size")
@@ -160,7 +162,7 @@ def cmd_train(args) -> int:
         "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
         "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
         "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
-        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "network_weights")}
+        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights")}
     for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
         if flags[k]:
             flags[k] = str(Path(flags[k]).expanduser().resolve())

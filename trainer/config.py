@@ -69,6 +69,7 @@ class TrainConfig:
     lokr_factor: int = -1  # LoKr's LyCORIS factor: -1 splits each dimension as evenly as it divides
     lokr_full_matrix: bool = False  # LoKr: w2 a full matrix instead of a rank-r pair
     lokr_decompose_both: bool = False  # LoKr: w1 a rank-r pair too (where that is smaller)
+    tucker: bool = False  # LyCORIS's use_tucker: a Tucker core for 3x3 conv factors (conv_rank > 0; lora, loha)
     network_weights: str | None = None  # a LoRA/LoHa/LoKr file to continue from (ours, kohya's, LyCORIS's)
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # None: lr (only with train_text_encoder)
@@ -200,6 +201,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"lokr_factor must be -1 or >= 1, got {self.lokr_factor}")
+        if self.tucker and not self.conv_rank:
+            raise ConfigError("tucker needs conv_rank > 0: its cores belong to the 3x3 conv adapters")
+        if self.tucker and self.network == "lokr":
+            raise ConfigError("tucker works with network lora or loha: ComfyUI cannot apply LoKr's Tucker cores")
         for name in ("lr", "alpha", "text_encoder_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

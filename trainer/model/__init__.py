@@ -11,7 +11,7 @@ API (used by the training loop):
     encode_latents(model, images, *, generator=None, sample=True) -> latents * scaling_factor (fp32)
     LoRANetwork(model, rank=16, alpha=16.0, dropout=0.0, conv_rank=0, conv_alpha=1.0, train_te=False,
                 te_rank=None, *, te_alpha=None, multiplier=1.0, network="lora"|"loha"|"lokr", dora=False,
-                rslora=False, lokr_factor=-1, lokr_full_matrix=False, lokr_decompose_both=False)
+                rslora=False, lokr_factor=-1, lokr_full_matrix=False, lokr_decompose_both=False, tucker=False)
         .trainable_parameters() .param_groups(unet_lr, te_lr=None) .kohya_state_dict(dtype=fp16)
         .load_weights(path_or_state_dict, *, strict=True) -> {"loaded", "missing", "unknown", "steps_before"}
         .set_multiplier(m) .remove() .to(device); .loras: kohya name -> adapter (adapters/)

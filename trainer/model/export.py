@@ -133,13 +133,17 @@ def network_module_and_args(network) -> tuple[str, dict]:
     kind = getattr(network, "network_type", "lora")
     if network.conv_rank:
         args.update(conv_dim=str(network.conv_rank), conv_alpha=str(network.conv_alpha))
-    if kind == "lora" and not getattr(network, "dora", False) and not getattr(network, "rslora", False):
+    tucker = getattr(network, "tucker", False) and network.conv_rank > 0  # Tucker cores exist on 3x3 convs only
+    if kind == "lora" and not getattr(network, "dora", False) and not getattr(network, "rslora", False) \
+            and not tucker:
         return "networks.lora", args
     args = {"algo": kind, **args}
     if network.dora:
         args.update(dora_wd="True", wd_on_output="False")  # input-axis magnitudes: see adapters/base.py
     if network.rslora:
         args["rs_lora"] = "True"
+    if tucker:
+        args["use_tucker"] = "True"
     if kind == "lokr":
         opts = network.lokr_options
         args["factor"] = str(opts["lokr_factor"])

@@ -71,7 +71,8 @@ class LoRANetwork(nn.Module):
 
     network: "lora" (LoCon on convs), "loha" or "lokr"; dora: weight-decomposed (DoRA) adapters; rslora: scale
     alpha / sqrt(rank) instead of alpha / rank; lokr_factor / lokr_full_matrix / lokr_decompose_both: LyCORIS's
-    factor (-1: as balanced as the dimension allows), full_matrix and decompose_both for LoKr.
+    factor (-1: as balanced as the dimension allows), full_matrix and decompose_both for LoKr; tucker: LyCORIS's
+    use_tucker, a Tucker core for the k x k conv factors (lora_mid, hada_t1/t2; not LoKr: see lora_file.py).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class LoRANetwork(nn.Module):
         lokr_factor: int = -1,
         lokr_full_matrix: bool = False,
         lokr_decompose_both: bool = False,
+        tucker: bool = False,
     ):
         super().__init__()
         if rank < 1:
@@ -101,7 +103,9 @@ class LoRANetwork(nn.Module):
             raise LoRAError(f"network must be one of {', '.join(NETWORK_TYPES)}, got {network!r}")
         if lokr_factor == 0 or lokr_factor < -1:
             raise LoRAError(f"lokr_factor must be -1 or >= 1, got {lokr_factor}")
-        self.network_type, self.dora, self.rslora = network, bool(dora), bool(rslora)
+        if tucker and network == "lokr":
+            raise LoRAError("tucker works with network lora or loha: ComfyUI cannot apply LoKr's Tucker cores")
+        self.network_type, self.dora, self.rslora, self.tucker = network, bool(dora), bool(rslora), bool(tucker)
         self.lokr_options = dict(lokr_factor=int(lokr_factor), lokr_full_matrix=bool(lokr_full_matrix),
                                  lokr_decompose_both=bool(lokr_decompose_both))
         self.steps_before = 0  # steps of a file this network continues (load_network_weights)
@@ -123,7 +127,7 @@ class LoRANetwork(nn.Module):
         if self.train_te:
             for index, te in ((1, model.te1), (2, model.te2)):
                 targets += self._te_targets(index, te)
-        opts = dict(dropout=dropout, rslora=self.rslora, dora=self.dora, **self.lokr_options)
+        opts = dict(dropout=dropout, rslora=self.rslora, dora=self.dora, tucker=self.tucker, **self.lokr_options)
         for name, parent, child_name, base, r, a in targets:
             lora = ADAPTERS[network](name, base, r, a, **opts)
             self.loras[name] = lora

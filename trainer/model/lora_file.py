@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 
 KIND_OF = {"lora_up.weight": "lora", "lora_down.weight": "lora", "hada_w1_a": "loha", "hada_w1_b": "loha",
            "hada_w2_a": "loha", "hada_w2_b": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr",
-           "lokr_w2": "lokr", "lokr_w2_a": "lokr", "lokr_w2_b": "lokr"}
+           "lokr_w2": "lokr", "lokr_w2_a": "lokr", "lokr_w2_b": "lokr",
+           "lora_mid.weight": "lora", "hada_t1": "loha", "hada_t2": "loha"}
+TUCKER = ("lora_mid.weight", "hada_t1", "hada_t2")  # LyCORIS's use_tucker cores (3x3 convs)
 COMMON = ("alpha", "dora_scale")
-TUCKER = ("lora_mid.weight", "hada_t1", "hada_t2", "lokr_t1", "lokr_t2")
-SUFFIXES = sorted((*KIND_OF, *COMMON, *TUCKER), key=len, reverse=True)
+# LoKr's Tucker cores: ComfyUI 0.3.75 fails to apply lokr_t2 (its torch.kron gets a non-contiguous einsum result;
+# seen with torch 2.13 on the tiny SDXL), so we neither train nor continue them; no loader reads lokr_t1.
+UNSUPPORTED = ("lokr_t1", "lokr_t2")
+SUFFIXES = sorted((*KIND_OF, *COMMON, *UNSUPPORTED), key=len, reverse=True)
 FLAG = {"lora": "--network lora", "loha": "--network loha", "lokr": "--network lokr"}
 
 
@@ -101,9 +105,10 @@ def _load_module(network, adapter, name: str, parts: dict, label: str) -> None:
     def describe(suffix):
         return f"{label}: {name}.{suffix}"
 
-    tucker = [s for s in parts if s in TUCKER]
-    if tucker:
-        raise LoRAError(f"{describe(tucker[0])}: Tucker/CP-decomposed conv factors are not supported")
+    unsupported = [s for s in parts if s in UNSUPPORTED]
+    if unsupported:
+        raise LoRAError(f"{describe(unsupported[0])}: LoKr with Tucker cores is not supported (ComfyUI cannot "
+                        "apply lokr_t2 either); Tucker works with lora and loha")
     kinds = {KIND_OF[s] for s in parts if s in KIND_OF}
     if len(kinds) != 1:
         raise LoRAError(f"{describe(sorted(parts)[0])}: the module holds {sorted(parts)}, not one LoRA/LoHa/LoKr")
@@ -117,6 +122,12 @@ def _load_module(network, adapter, name: str, parts: dict, label: str) -> None:
                         f"{'does not use' if 'dora_scale' in parts else 'uses'} DoRA: set dora to match the file")
     want = {s for s, _ in adapter.named_factors()}
     have = {s for s in parts if s in KIND_OF}
+    tucker_file, tucker_net = have & set(TUCKER), want & set(TUCKER)
+    if bool(tucker_file) != bool(tucker_net):
+        key = sorted(tucker_file or tucker_net)[0]
+        raise LoRAError(f"{describe(key)}: the file {'uses' if tucker_file else 'does not use'} Tucker cores for "
+                        f"3x3 convs and the network {'does not' if tucker_file else 'does'}: set tucker to "
+                        f"{bool(tucker_file)} (--tucker)")
     if have != want:
         raise LoRAError(f"{describe(sorted(have ^ want)[0])}: the file's {kind} factors {sorted(have)} differ from "
                         f"this network's {sorted(want)} (lokr_factor, lokr_full_matrix, lokr_decompose_both or "

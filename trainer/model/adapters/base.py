@@ -27,6 +27,17 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def tucker_weight(core: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """LyCORIS's Tucker form of a k x k conv factor: core (r, r, kh, kw) joined with b (r, in) and a (r, out) into
+    (out, in, kh, kw), as ComfyUI's loaders rebuild it."""
+    return torch.einsum("i j k l, j r, i p -> p r k l", core, b, a)
+
+
+def uses_tucker(base: nn.Module, tucker: bool) -> bool:
+    """LyCORIS's use_tucker applies to convolutions with a kernel larger than 1 x 1 only."""
+    return bool(tucker) and isinstance(base, nn.Conv2d) and tuple(base.kernel_size) != (1, 1)
+
+
 class Adapter(nn.Module):
     """One base nn.Linear / nn.Conv2d's trainable adapter. Subclasses define the factors (`factor_names`, in
     export order), `delta_weight()` and optionally a cheaper `delta_output()`."""

@@ -1,23 +1,32 @@
-"""LoRA / LoCon (kohya's networks.lora layout): dW = up @ down, with DoRA and rsLoRA as options."""
+"""LoRA / LoCon (kohya's networks.lora layout): dW = up @ down, with DoRA and rsLoRA as options. With tucker, a
+k x k conv is down (1 x 1) -> mid (k x k, r -> r) -> up (1 x 1), LyCORIS's lora_mid layout."""
 
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, uses_tucker
 
 
 class LoRAAdapter(Adapter):
     kind = "lora"
     factor_names = ("lora_down", "lora_up")
 
-    def __init__(self, name, base, rank, alpha, *, dropout=0.0, rslora=False, dora=False, **_):
+    def __init__(self, name, base, rank, alpha, *, dropout=0.0, rslora=False, dora=False, tucker=False, **_):
         super().__init__(name, base, rank, dropout=dropout, rslora=rslora)
         dev = base.weight.device
-        if self.is_conv:
+        self.lora_mid = None
+        if uses_tucker(base, tucker):
+            self.lora_down = nn.Conv2d(self.in_dim, rank, 1, bias=False, device=dev)
+            self.lora_mid = nn.Conv2d(rank, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                      bias=False, device=dev)
+            self.lora_up = nn.Conv2d(rank, self.out_dim, 1, bias=False, device=dev)
+            nn.init.kaiming_uniform_(self.lora_mid.weight, a=math.sqrt(5))
+        elif self.is_conv:
             self.lora_down = nn.Conv2d(self.in_dim, rank, base.kernel_size, base.stride, base.padding,
                                        base.dilation, bias=False, device=dev)
             self.lora_up = nn.Conv2d(rank, self.out_dim, 1, bias=False, device=dev)
@@ -30,16 +39,22 @@ class LoRAAdapter(Adapter):
         self._finish(base, alpha, dora)
 
     def named_factors(self):
-        return [("lora_down.weight", self.lora_down.weight), ("lora_up.weight", self.lora_up.weight)]
+        mid = [("lora_mid.weight", self.lora_mid.weight)] if self.lora_mid is not None else []
+        return [("lora_down.weight", self.lora_down.weight), *mid, ("lora_up.weight", self.lora_up.weight)]
 
     def delta_weight(self, dtype):
         up = (self.lora_up.weight * (self.scale * self.multiplier)).to(dtype).flatten(1)
-        return (up @ self.lora_down.weight.to(dtype).flatten(1)).reshape(self.weight_shape)
+        down = self.lora_down.weight.to(dtype).flatten(1)
+        if self.lora_mid is not None:  # (r, in, kh, kw): the core joined with down; up is applied below
+            down = torch.einsum("i j k l, j r -> i r k l", self.lora_mid.weight.to(dtype), down).flatten(1)
+        return (up @ down).reshape(self.weight_shape)
 
     def delta_output(self, x, dtype):
-        # two thin layers instead of a weight-sized dW; the scale is folded into the small up matrix
+        # thin layers instead of a weight-sized dW; the scale is folded into the small up matrix
         down = self.lora_down.weight.to(dtype)
         up = (self.lora_up.weight * (self.scale * self.multiplier)).to(dtype)
+        if self.lora_mid is not None:
+            return F.conv2d(F.conv2d(F.conv2d(x, down), self.lora_mid.weight.to(dtype), None, **self.conv_args), up)
         if self.is_conv:
             return F.conv2d(F.conv2d(x, down, None, **self.conv_args), up)
         return F.linear(F.linear(x, down), up)
