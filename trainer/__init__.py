@@ -9,7 +9,8 @@ Module map (what each module owns):
 - rollback.py: the finiteness probe of the LoRA and the rollback of a non-finite update.
 - state.py: the resumable state file (state.pt); checkpoint.py: LoRA files and their kohya metadata.
 - telemetry.py: step records, memory, progress bar, TensorBoard, the run summary; samples.py: preview images.
-- placement.py: which device and mode the model's modules are in; diffusion.py: noise schedule and losses.
+- devices.py: the run's device and precision; placement.py: which device and mode the model's modules are in;
+  diffusion.py: noise schedule and losses.
 - runstore.py: the run folder's telemetry store (sqlite) and control file, shared with the panel and ComfyUI.
 - atomic.py: the one atomic file writer.
 - distributed.py: several processes in lockstep (torchrun/accelerate): process group, batch shards, the step's

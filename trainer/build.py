@@ -19,6 +19,7 @@ import torch
 from .atomic import atomic_write_text
 from .config import ConfigError, TrainConfig
 from .data import FeatureCache, TrainingData, scan_dataset, split_validation
+from .devices import pick_device, pick_precision
 from .diffusion import NoiseSchedule
 from .parts import Hooks, LoadedModel, Runtime
 from .placement import offload_cached_encoders, onload
@@ -92,26 +93,6 @@ def build_validation(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, data, v
     finally:
         offload_cached_encoders(cfg, rt.device, m)
     return batches
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def pick_precision(mp: str, device: torch.device) -> str:
-    if mp != "auto":
-        return "fp32" if mp == "no" else mp
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"  # bf16 autocast on the CPU is slower than fp32 on most CPUs
 
 
 # ---- the model ---------------------------------------------------------------------------------------------------

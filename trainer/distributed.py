@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from .devices import pick_device
+
 log = logging.getLogger("emolora.train")
 
 BUCKET_BYTES = 64 << 20  # gradients per all_reduce call: bounds the flat copy's extra memory
@@ -260,8 +262,6 @@ def setup(cfg):
     rank, world, local_rank = launched_world()
     if world <= 1:
         return cfg, Dist()
-    from .build import pick_device
-
     device = pick_device(cfg.device)
     if device.type == "cuda":
         if torch.cuda.device_count() <= local_rank:
