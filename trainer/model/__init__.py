@@ -20,6 +20,8 @@ API (used by the training loop):
     kohya_metadata(*, network, model, output_name, steps, epoch, learning_rate, ..., extra=None, **ss)
         -> dict[str, str]; any extra keyword k becomes ss_k, `extra` passes through (emolora_* keys)
     tiny_model_path(), build_tiny_sdxl(path), build_vega_layout(path): random-weight test checkpoints
+    pretrained_tiny_model_path(), build_pretrained_tiny(path): the tiny model with its UNet fine-tuned on the
+        demo photos (a loss that varies with the timestep like a trained model's), cached
     ModelError (unusable base checkpoint / tokenizer), LoRAError (LoRA file does not fit the network)
 """
 
@@ -29,6 +31,7 @@ from .export import kohya_metadata, save_lora
 from .loader import SDXLModel, load_sdxl
 from .lora import LoRANetwork
 from .lora_file import load_network_weights
+from .pretrained import build_pretrained_tiny, pretrained_tiny_model_path
 from .tiny import build_tiny_sdxl, build_vega_layout, tiny_model_path
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "LoRANetwork",
     "ModelError",
     "SDXLModel",
+    "build_pretrained_tiny",
     "build_tiny_sdxl",
     "build_vega_layout",
     "encode_latents",
@@ -43,6 +47,7 @@ __all__ = [
     "kohya_metadata",
     "load_network_weights",
     "load_sdxl",
+    "pretrained_tiny_model_path",
     "save_lora",
     "tiny_model_path",
 ]
