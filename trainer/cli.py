@@ -1,4 +1,4 @@
-"""Command line: `python -m trainer train|demo|presets|runs`.
+"""Command line: `python -m trainer train|sweep|demo|presets|runs`.
 
 Bad input (a missing file, a non-SDXL checkpoint, an unusable option value) prints one line,
 "error: <message>", to stderr and exits with status 2; EMOLORA_DEBUG=1 shows the traceback instead.
@@ -32,11 +32,18 @@ def _parse_set(items) -> dict:
     return out
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """The train command's options; sweep=True leaves out those the sweep has its own of (output, optimizer,
+    resume, run name, optimizer loss)."""
     p.add_argument("--model", help="SDXL checkpoint: single .safetensors file or diffusers folder")
     p.add_argument("--data", help="image folder (captions in same-name .txt/.caption files; N_name repeat folders)")
-    p.add_argument("--output", help="the LoRA to write, FILE.safetensors")
-    p.add_argument("--optimizer", help="EmoNavi (default), EmoFact, ..., AutoTrustGO, AdamW")
+    if not sweep:
+        p.add_argument("--output", help="the LoRA to write, FILE.safetensors")
+        p.add_argument("--optimizer", help="EmoNavi (default), EmoFact, ..., AutoTrustGO, AdamW")
+        p.add_argument("--optimizer-loss", dest="optimizer_loss", choices=["raw", "normalized", "withheld"],
+                       help="the loss handed to the optimizer: raw (default), normalized (divided by a running mean "
+                            "of the loss at the step's timesteps) or withheld (step() without it, as other "
+                            "trainers call it)")
     p.add_argument("--lr", type=float, help="learning rate (EmoSens line: emoScope); default: the optimizer's preset")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--resolution", type=int, help="training resolution (bucket area = resolution²)")
@@ -56,8 +63,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", action="append", help="preset name(s) from presets/ (repeat or comma-separate)")
     p.add_argument("--config", help="a JSON or TOML file of options")
     p.add_argument("--tokenizer", help="folder with tokenizer/ and tokenizer_2/ (or one CLIP tokenizer for both)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its saved state")
-    p.add_argument("--run-name", dest="run_name")
+    if not sweep:
+        p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its saved state")
+        p.add_argument("--run-name", dest="run_name")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["auto", "no", "bf16", "fp16"])
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--save-every", type=int, dest="save_every", help="save the LoRA every N steps")
@@ -93,6 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     _common(p)
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sweep", help="train several optimizers on equal footing and compare their validation loss")
+    p.add_argument("--optimizers", help="comma list (e.g. EmoNavi,EmoLynx,AdamW), 'all' or 'emo'")
+    p.add_argument("--output", metavar="DIR", help="the sweep folder: sweep.json/.md/.png, runs/, loras/")
+    p.add_argument("--resume", metavar="DIR", help="continue a stopped or killed sweep (other options are ignored)")
+    p.add_argument("--loss-control", dest="loss_control", action="store_true",
+                   help="each optimizer that reads the loss again with step() called without it")
+    p.add_argument("--seeds", type=int, default=1, help="repeat every run with this many seeds (default 1)")
+    p.add_argument("--lr-scale", dest="lr_scale", default="1",
+                   help="comma list of multiples of each optimizer's LR (e.g. 0.3,1,3)")
+    p.add_argument("--optimizer-loss", dest="optimizer_loss", default="raw",
+                   help="comma list of what the loss-reading optimizers are fed: raw, normalized (default raw)")
+    _add_train_options(p, sweep=True)
+    _common(p)
+    p.set_defaults(func=cmd_sweep)
     p = sub.add_parser("demo", help="train on a tiny random SDXL and a generated dataset (cached), CPU-friendly")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--optimizer", default="EmoNavi")
@@ -155,24 +177,82 @@ def _setup_logging(verbose: bool) -> None:
 
 
 # ---- commands -------------------------------------------------------------------------------------------------
+FLAG_KEYS = ("model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
+             "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
+             "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
+             "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights",
+             "optimizer_loss", "max_consecutive_bad_steps", "compile")
+
+
+def _overrides(args, skip=()) -> dict:
+    """The config options given on the command line (flags and --set), paths made absolute."""
+    flags = {k: getattr(args, k, None) for k in FLAG_KEYS if k not in skip}
+    for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
+        if flags.get(k):
+            flags[k] = str(Path(flags[k]).expanduser().resolve())
+    return {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}
+
+
 def cmd_train(args) -> int:
     from .config import build_config, load_run_config
 
-    flags = {k: getattr(args, k) for k in (
-        "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
-        "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
-        "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
-        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights")}
-    for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
-        if flags[k]:
-            flags[k] = str(Path(flags[k]).expanduser().resolve())
-    overrides = {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    overrides = _overrides(args)
     base = load_run_config(args.resume) if args.resume else None
     cfg = build_config(presets=args.preset or (), config_file=args.config, overrides=overrides, base=base)
     result = _run(cfg, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary, from rank 0 (its run store)
         _print_summary(result)
     return 0 if result.stop_reason in ("finished", "should_stop", "stopped") else 1
+
+
+def cmd_sweep(args) -> int:
+    from .config import ConfigError, build_config, load_config_file, load_preset
+    from .sweep import plan_sweep, resume_plan, run_sweep
+
+    if args.resume:
+        plan = resume_plan(Path(args.resume).expanduser().resolve())
+    else:
+        for flag, value in (("--output", args.output), ("--optimizers", args.optimizers), ("--steps", args.steps)):
+            if not value:
+                raise ConfigError(f"sweep needs {flag}")
+        try:
+            scales = [float(x) for x in str(args.lr_scale).split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--lr-scale must be a comma list of numbers, got {args.lr_scale!r}") from None
+        modes = [m.strip() for m in str(args.optimizer_loss).split(",") if m.strip()]
+        out = Path(args.output).expanduser().resolve()
+        overrides = _overrides(args, skip=("optimizer_loss",))
+        base = build_config(presets=args.preset or (), config_file=args.config,
+                            overrides={**overrides, "output": str(out / "loras" / "sweep.safetensors")})
+        # What the user chose (presets, config file, flags) wins over each optimizer's own preset, as in `train`.
+        explicit: dict = {}
+        file_layer = load_config_file(args.config) if args.config else {}
+        for name in _split_names(file_layer.pop("preset", None)) + _split_names(args.preset):
+            explicit.update(load_preset(name))
+        explicit.update(file_layer)
+        explicit.update(overrides)
+        plan = plan_sweep(base, args.optimizers, seeds=args.seeds, loss_control=args.loss_control,
+                          optimizer_loss_modes=modes, lr_scales=scales, steps=args.steps, output_dir=out,
+                          lr=args.lr, explicit=explicit)
+    show = not args.no_progress and sys.stderr.isatty()
+
+    def progress(done, total, eta, label):
+        if label is not None:
+            print(f"[sweep] run {done + 1}/{total}: {label}" + (f", ETA {eta / 60:.1f} min" if eta else ""),
+                  file=sys.stderr, flush=True)
+
+    result = run_sweep(plan, on_progress=progress, progress_bar=show)
+    print(result.table_md)
+    print(f"sweep: {plan.output_dir} (sweep.md, sweep.json, sweep.png)")
+    print(result.recommendation)
+    return 0 if result.status == "finished" else 1
+
+
+def _split_names(value) -> list:
+    if not value:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    return [v.strip() for v in items if v and v.strip()]
 
 
 def _run(cfg, progress: bool):

@@ -39,6 +39,7 @@ CHOICES = {
     "auto_stop": ("stop", "mark", "off"),
     "auto_stop_on": ("should_stop", "val-plateau"),
     "mask": ("off", "file", "alpha"),
+    "optimizer_loss": ("raw", "normalized", "withheld"),
 }
 
 
@@ -81,6 +82,10 @@ class TrainConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine/linear end at lr * min_lr_ratio
     scheduler_args: dict = field(default_factory=dict)  # EmoPulseScheduler: base_lr, stopcoef
+    # The loss handed to optimizer.step(loss=...): "raw" (the step's loss), "normalized" (divided by a running mean
+    # of the loss at the step's timesteps, so the emotion reacts to progress rather than to the timestep draw) or
+    # "withheld" (step() without a loss, as other trainers call it: the sweep's loss control).
+    optimizer_loss: str = "raw"
     # ---- loop
     steps: int = 1000  # optimizer steps
     batch_size: int = 1

@@ -78,6 +78,7 @@ class LoopState:
     should_stop_prev: bool = False  # the optimizer's should_stop at the last step (events fire on changes)
     val_best: float | None = None  # the lowest validation loss so far
     val_stale: int = 0  # validations since val_best was set (val-plateau stops at val_patience)
+    loss_buckets: list = field(default_factory=list)  # optimizer_loss=normalized: per-timestep-bucket loss EMAs
 
     def to_dict(self) -> dict:
         return asdict(self)

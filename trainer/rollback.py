@@ -122,6 +122,16 @@ class UpdateGuard:
         """The LoRA's L2 norm, on the device: one element of the step's read."""
         return total_norm(self.params)
 
+    def update_norm(self) -> torch.Tensor:
+        """The L2 norm of the latest update (the LoRA now minus the copy taken before that update), on the device:
+        the numerator of the update/weight ratio, one more element of the step's read. Zero before any update.
+        Meaningful only while `unverified` (an update was made since the last read)."""
+        copy_ = self.last_good._param_copy
+        if copy_ is None:
+            return torch.zeros((), device=self.params[0].device if self.params else None)
+        with torch.no_grad():
+            return total_norm(torch._foreach_sub([p.detach() for p in self.params], copy_))
+
     def before_update(self) -> None:
         self.last_good.take()
 

@@ -4,6 +4,7 @@ The run store is the record of truth; the progress bar and TensorBoard are optio
 """
 
 import logging
+import math
 import os
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from .distributed import world_size
 from .parts import LoopState, RunSetup
 from .runstore import RunReader
+from .zones import zone_shares
 
 log = logging.getLogger("emolora.train")
 
@@ -58,6 +60,46 @@ def step_record(cfg, run: RunSetup, loop: LoopState, step_times, *, loss: float,
             for k, v in dict(getattr(run.pulse, "telemetry", None) or {}).items():
                 record[f"pulse_{k}"] = v
     return record
+
+
+# "Is it training at all?": the mean update/weight ratio (|LoRA update| / |LoRA| per step) over the first 5% of
+# the steps (at least 20) below which a run is said to have barely moved its LoRA: about 1/100 of what AdamW
+# at 1e-4 moves it. Measured on the tiny SDXL (benchmarks/update_ratio.py, docs/sweep.md), first 20 steps: AdamW
+# at 1e-4 1.1e-3 a step, the Emo optimizers at their presets 1.5e-3 .. 3.4e-3, AutoTrustGO at its preset 1e-4
+# 3.8e-6.
+BARELY_MOVING = 1e-5
+
+
+class MotionCheck:
+    """The update ratios of the first window and the one warning they may raise."""
+
+    def __init__(self):
+        self.ratios: list = []
+        self.mean: float | None = None
+        self.done = False
+
+    @staticmethod
+    def window(steps: int) -> int:
+        return max(20, math.ceil(0.05 * steps))
+
+    def add(self, step: int, ratio: float) -> None:
+        """The ratio of step `step`'s update (known at the next step's read)."""
+        if not self.done and math.isfinite(ratio):
+            self.ratios.append((step, ratio))
+
+    def message(self, cfg) -> str | None:
+        """Once the window's last update is measured: the warning, if the LoRA barely moved; else None. A run
+        resumed past the window does not check again."""
+        if self.done or not self.ratios or self.ratios[-1][0] < self.window(cfg.steps):
+            return None
+        self.done = True
+        if self.ratios[-1][0] != self.window(cfg.steps):
+            return None
+        self.mean = sum(r for _, r in self.ratios) / len(self.ratios)
+        if self.mean >= BARELY_MOVING:
+            return None
+        return (f"{cfg.optimizer} at lr {cfg.lr:g} has barely changed the LoRA in {self.ratios[-1][0]} steps "
+                f"(mean update/weight ratio {self.mean:.2g} a step, under {BARELY_MOVING:g}); try a higher LR")
 
 
 def take_device_signals(optimizer):
@@ -130,9 +172,10 @@ def log_tensorboard(writer, step: int, record: dict) -> None:
             writer.add_scalar(k, v, step)
 
 
-def summary(run_dir, steps: int, skipped: int, device: torch.device) -> dict:
+def summary(run_dir, steps: int, skipped: int, device: torch.device, optimizer: str | None = None) -> dict:
     """The run at a glance, from its logged steps: loss start/end/min, eval loss, signal ranges, the first
-    should_stop step, speed, memory."""
+    should_stop step, speed, memory; the step loss's coefficient of variation (raw and as the optimizer got
+    it), the mean update/weight ratio and the share of steps in each of the optimizer's zones."""
     reader = RunReader(run_dir)
     try:
         rows = reader.steps()
@@ -160,8 +203,31 @@ def summary(run_dir, steps: int, skipped: int, device: torch.device) -> dict:
     times = [r["step_time"] for r in rows if r.get("step_time")]
     if times:
         out["steps_per_s"] = len(times) / sum(times)
+    out.update(loss_stats(rows, optimizer))
     mem = memory(device)
     out["peak_mem_mb"] = mem.get("mem_peak_mb", mem.get("rss_peak_mb"))
+    return out
+
+
+def coefficient_of_variation(values) -> float | None:
+    values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if len(values) < 2:
+        return None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return math.sqrt(var) / abs(mean) if mean else None
+
+
+def loss_stats(rows, optimizer: str | None) -> dict:
+    """loss_cv (raw step loss), optimizer_loss_cv (the loss the optimizer got: the normalized one where it was
+    normalized), update_ratio (mean over the steps that have one) and zones ({zone: share of steps})."""
+    steps = [r for r in rows if r.get("loss") is not None and not r.get("skipped")]
+    out = {"loss_cv": coefficient_of_variation([r["loss"] for r in steps])}
+    fed = [r.get("optimizer_loss", r["loss"]) for r in steps]
+    out["optimizer_loss_cv"] = coefficient_of_variation(fed)
+    ratios = [r["update_ratio"] for r in rows if isinstance(r.get("update_ratio"), (int, float))]
+    out["update_ratio"] = sum(ratios) / len(ratios) if ratios else None
+    out["zones"] = zone_shares(optimizer, steps) if optimizer else {}
     return out
 
 

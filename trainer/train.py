@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 
 from . import build, checkpoint, distributed, telemetry
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .diffusion import draw_noise
 from .losses import diffusion_loss, fixed_loss, mix_seed, note_validation
+from .optimizer_loss import normalized_loss
 from .parts import Hooks, LoadedModel, LoopState, RunSetup, Runtime
 from .placement import to_device
 from .rollback import UpdateGuard
@@ -103,6 +104,9 @@ class Trainer:
         self._guard: UpdateGuard | None = None  # finiteness probe and rollback (trainer/rollback.py)
         self._late = telemetry.LateSignals()  # the previous step's device-side optimizer signals
         self._completed = None  # (step, record) completed by this step's read, logged again by _after_step
+        self._draws: list | None = None  # optimizer_loss=normalized: this step's (per-sample losses, timesteps)
+        self._prev_norm: float | None = None  # the LoRA's norm at the previous read (the update ratio's base)
+        self._motion = telemetry.MotionCheck()  # the "barely changed the LoRA" warning
         self.saved: list[str] = []
         self.lora_path: str | None = None
         self._closed = False
@@ -154,6 +158,10 @@ class Trainer:
         cfg = self.cfg.replace(batch_size=self.cfg.batch_size * self.dist.world) if self.dist.enabled else self.cfg
         return build.build_data(cfg, rt, loaded, items, self.store, self.hooks)
 
+    def build_validation(self, rt: Runtime, loaded: LoadedModel, data, val_items) -> list:
+        """The held-out images as fixed batches, text encoded once (the sweep hands in its own)."""
+        return build.build_validation(self.cfg, rt, loaded, data, val_items)
+
     def _open_run(self, cfg, rt: Runtime, report):
         """Rank 0 opens the run folder; the other ranks learn its path and get a NullStore (they write nothing).
         -> (store, control, the run's first start time)."""
@@ -176,11 +184,16 @@ class Trainer:
                         started_at: float) -> RunSetup:
         """Everything after the model and the run folder: LoRA, data and caches, optimizer, LR pulse, fp16 scaler."""
         cfg = self.cfg
+        if cfg.optimizer_loss == "normalized":
+            if self.dist.enabled:
+                raise ConfigError("optimizer_loss='normalized' needs per-sample losses of the global batch: not "
+                                  "supported with several processes yet; use raw")
+            self._draws = []
         build.seed_everything(cfg.seed)
         network = build.make_network(cfg, loaded.model)
         with self.dist.main_first("caching"):  # rank 0 fills the disk caches, the others then read them
             data, eval_batch = self.build_data(rt, loaded, items)
-            val_batches = build.build_validation(cfg, rt, loaded, data, val_items)
+            val_batches = self.build_validation(rt, loaded, data, val_items)
         loaded.model.unet.to(rt.device)
         params = build.trainable_params(network, rt.device)
         groups = params
@@ -275,24 +288,48 @@ class Trainer:
         # The one host read of the step: the optimizer's loss, the gradients' finiteness, the LoRA's norm as
         # the previous update left it (trainer/rollback.py), the fp16 scale, and the previous step's device-side
         # optimizer signals (its record is completed here, one step late).
+        # It also carries the size of the previous update (the update/weight ratio) and, for the normalized
+        # optimizer loss, the step's per-sample losses and timesteps.
         guard = self._update_guard()
-        synced = [loss_sum / cfg.grad_accum, grad_norm.float().to(loss_sum.device), guard.probe().to(loss_sum.device)]
+        dev = loss_sum.device
+        updated = guard.unverified  # an update was made since the last read: its size is measured now
+        synced = [loss_sum / cfg.grad_accum, grad_norm.float().to(dev), guard.probe().to(dev),
+                  guard.update_norm().to(dev)]
         if scaler is not None:
             synced.append(scaler._scale.float().reshape(()))  # get_scale() would sync on its own
+        parts = [torch.stack(synced)]
+        n_draws = 0
+        if self._draws is not None:
+            parts += [torch.cat([d[0] for d in self._draws]).float().to(dev),
+                      torch.cat([d[1] for d in self._draws]).float().to(dev)]
+            n_draws = parts[1].numel()
+            self._draws.clear()
         late = self._late.tensor()
-        read = torch.cat([torch.stack(synced)] + ([late.to(loss_sum.device)] if late is not None else [])).tolist()
-        loss_value, norm_value, lora_norm = read[:3]
-        scale = read[3:4] if scaler is not None else []
+        read = torch.cat(parts + ([late.to(dev)] if late is not None else [])).tolist()
+        loss_value, norm_value, lora_norm, update_norm = read[:4]
+        head = len(synced)
+        scale = read[4:head]
+        draws = read[head:head + 2 * n_draws]
         params_ok = guard.check(lora_norm, loop)  # False: the previous update was rolled back
-        self._completed = self._late.complete(read[3 + len(scale):], **({} if params_ok else {"rolled_back": True}))
+        prev_extra = {} if params_ok else {"rolled_back": True}
+        if params_ok and updated and self._prev_norm:
+            prev_extra["update_ratio"] = update_norm / self._prev_norm  # of the previous step's update
+            self._motion.add(loop.step, prev_extra["update_ratio"])
+        self._prev_norm = lora_norm if params_ok and math.isfinite(lora_norm) else self._prev_norm
+        self._completed = self._late.complete(read[head + 2 * n_draws:], **prev_extra)
         finite = params_ok and math.isfinite(loss_value) and math.isfinite(norm_value)
         self._apply_lr_schedule()
+        optimizer_loss = None
         if finite:
+            optimizer_loss = loss_value
+            if n_draws:
+                optimizer_loss = normalized_loss(loop.loss_buckets, loss_value, draws[:n_draws], draws[n_draws:],
+                                                 cfg.timestep_min, cfg.timestep_max)
             guard.before_update()  # the copy a bad update is rolled back to
             # Not scaler.step(): it would re-check found_inf with a second sync; finiteness is known already.
-            self._optimizer_step(loss_value)
+            self._optimizer_step(optimizer_loss)
             if run.pulse is not None:
-                run.pulse.step(loss_value)
+                run.pulse.step(0.0 if cfg.optimizer_loss == "withheld" else optimizer_loss)
             guard.after_update()
             loop.consecutive_skips = 0
         elif not params_ok:
@@ -312,6 +349,8 @@ class Trainer:
         record = telemetry.step_record(cfg, run, loop, self._step_times, loss=loss_value, grad_norm=norm_value,
                                        scale=scale, finite=finite)
         record.update(lora_norm=lora_norm, rolled_back_total=loop.rolled_back)
+        if n_draws and optimizer_loss is not None:
+            record["optimizer_loss"] = optimizer_loss
         record["should_stop"] = self._should_stop_flag()
         self._late.hold(loop.step, record, pending)
         return record
@@ -345,8 +384,11 @@ class Trainer:
             embeds, pooled = self._encode_prompts(batch.captions, grad=cfg.train_text_encoder)
         else:
             embeds, pooled = to_device(batch.prompt_embeds, dev), to_device(batch.pooled, dev)
-        loss = diffusion_loss(cfg, self.built, latents, noise, t, embeds, pooled, to_device(batch.time_ids, dev),
-                              snr_weighting=True, mask=batch.mask)
+        per_sample = diffusion_loss(cfg, self.built, latents, noise, t, embeds, pooled,
+                                    to_device(batch.time_ids, dev), snr_weighting=True, mask=batch.mask, reduce=False)
+        if self._draws is not None:
+            self._draws.append((per_sample.detach(), t))
+        loss = per_sample.mean()
         # A shard's share of the global batch mean: the ranks' shares sum (all-reduce) to that mean.
         return loss if rows == b else loss * (b / rows)
 
@@ -375,8 +417,10 @@ class Trainer:
             group["lr"] = base * f
 
     def _optimizer_step(self, loss_value: float) -> None:
+        """loss_value: what the optimizer is to feel (cfg.optimizer_loss). "withheld": step() without it, exactly
+        as the trainers that do not feed the loss call it."""
         run, kwargs = self.built, {}
-        if run.takes_loss:
+        if run.takes_loss and self.cfg.optimizer_loss != "withheld":
             kwargs["loss"] = loss_value
         if run.takes_max_steps:
             kwargs["max_steps"] = self.cfg.steps
@@ -415,6 +459,11 @@ class Trainer:
             log.error(message)
             self.store.event(step, "diverged", {"message": message, "optimizer": cfg.optimizer})
             self.stop_reason, self.stop_message = "diverged", message
+        still = self._motion.message(cfg)  # once, when the first window's update ratios are all in
+        if still is not None:
+            log.warning(still)
+            self.store.event(step, "barely_moving", {"message": still, "optimizer": cfg.optimizer, "lr": cfg.lr,
+                                                     "update_ratio": self._motion.mean})
         if loop.consecutive_skips >= cfg.max_consecutive_skips:
             log.error("%d non-finite steps in a row: stopping", loop.consecutive_skips)
             self.stop_reason = "nonfinite"
@@ -559,7 +608,7 @@ class Trainer:
         if not self.dist.is_main:
             return {}  # the run store (what the summary reads) is rank 0's
         device = self.built.device if self.built is not None else torch.device("cpu")
-        return telemetry.summary(self.run_dir, self.loop.step, self.loop.skipped, device)
+        return telemetry.summary(self.run_dir, self.loop.step, self.loop.skipped, device, optimizer=self.cfg.optimizer)
 
     def result(self) -> TrainResult:
         return TrainResult(self.lora_path, str(self.run_dir), self.loop.step, self.stop_reason, self.loop.skipped,
