@@ -13,6 +13,7 @@ NODE_MODULES = (
     ("optimizer", "EmoLoRAOptimizer", None),
     ("dataset", "EmoLoRADataset", None),
     ("trainer_node", "EmoLoRATrainer", None),
+    ("sweep_node", "EmoLoRASweep", None),
     ("lora_loader", "EmoLoRALoadTrainedLoRA", None),
     ("telemetry_node", "EmoLoRATelemetryPlot", None),
     ("panel", "EmoLoRAPanel", "unavailable_reason"),
