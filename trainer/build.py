@@ -171,6 +171,22 @@ def open_run(cfg: TrainConfig, rt: Runtime, report) -> tuple[RunStore, ControlPo
 
 
 # ---- LoRA, data, optimizer ---------------------------------------------------------------------------------------
+def place_unet(cfg: TrainConfig, rt: Runtime, unet):
+    """The UNet on the run's device; with cfg.offload, its down/mid/up blocks (or the N largest) stay in pinned
+    host memory and stream in (trainer/offload.py). -> the BlockOffloader, or None."""
+    from .config import offload_block_count
+    from .offload import BlockOffloader
+
+    count = offload_block_count(cfg.offload)
+    if count == 0:
+        unet.to(rt.device)
+        return None
+    if rt.device.type != "cuda":
+        log.warning("offload=%s on %s: it runs, but the weights are on the host anyway, so it saves nothing "
+                    "here (it saves GPU memory on CUDA)", cfg.offload, rt.device)
+    return BlockOffloader(unet, rt.device, count).attach()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -77,6 +77,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="updates in a row that make the LoRA non-finite (rolled back) before stopping (default 3)")
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the UNet's transformer blocks (slower start, faster steps on a GPU)")
+    # ---- low VRAM (issue 17)
+    p.add_argument("--offload", metavar="none|blocks|blocks:N",
+                   help="stream the UNet's down/mid/up blocks (or the N largest) from pinned host memory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other option (value parsed as JSON)")
 
 
@@ -162,7 +165,8 @@ def cmd_train(args) -> int:
         "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
         "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
         "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
-        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights")}
+        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights",
+        "offload")}
     for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
         if flags[k]:
             flags[k] = str(Path(flags[k]).expanduser().resolve())

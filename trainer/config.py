@@ -92,6 +92,9 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     attention: str = "sdpa"
     compile: bool = False  # torch.compile each UNet transformer block (regional compilation)
+    # ---- low VRAM (trainer/offload.py, trainer/vram.py)
+    offload: str = "none"  # "blocks": the UNet's down/mid/up blocks stream from host memory; "blocks:N": the N largest
+    rollback_on_host: bool = False  # the rollback's copy of LoRA + optimizer state in pinned host memory, not the GPU
     # ---- diffusion
     prediction_type: str = "auto"  # auto: what the checkpoint declares
     noise_offset: float = 0.0  # 0.0357 is a common SDXL value
@@ -201,6 +204,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"lokr_factor must be -1 or >= 1, got {self.lokr_factor}")
+        offload_block_count(self.offload)  # raises on a bad value
+        if self.offload != "none" and self.compile:
+            raise ConfigError("offload and compile exclude each other: the offload hooks swap the weights that "
+                              "compiled blocks are specialised on")
         if self.tucker and not self.conv_rank:
             raise ConfigError("tucker needs conv_rank > 0: its cores belong to the 3x3 conv adapters")
         if self.tucker and self.network == "lokr":
@@ -252,6 +259,18 @@ class TrainConfig:
         if not self.caption_extensions:
             raise ConfigError("caption_extensions must name at least one extension")
         return self
+
+
+def offload_block_count(value: str) -> int | None:
+    """The `offload` option as a count: 0 for "none", None for "blocks" (all of them), N for "blocks:N"."""
+    if value == "none":
+        return 0
+    if value == "blocks":
+        return None
+    head, _, n = str(value).partition(":")
+    if head == "blocks" and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise ConfigError(f"offload must be none, blocks or blocks:N (N >= 1 UNet blocks), got {value!r}")
 
 
 # ---- typed construction ---------------------------------------------------------------------------------------

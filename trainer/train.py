@@ -181,7 +181,7 @@ class Trainer:
         with self.dist.main_first("caching"):  # rank 0 fills the disk caches, the others then read them
             data, eval_batch = self.build_data(rt, loaded, items)
             val_batches = build.build_validation(cfg, rt, loaded, data, val_items)
-        loaded.model.unet.to(rt.device)
+        offloader = build.place_unet(cfg, rt, loaded.model.unet)
         params = build.trainable_params(network, rt.device)
         groups = params
         if cfg.train_text_encoder and cfg.text_encoder_lr is not None:
@@ -193,7 +193,8 @@ class Trainer:
                         data=data, eval_batch=eval_batch, optimizer=optimizer,
                         base_lrs=[g["lr"] for g in optimizer.param_groups], takes_loss=takes_loss,
                         takes_max_steps=takes_max_steps, pulse=build.build_pulse(cfg, optimizer),
-                        scaler=build.build_scaler(rt), started_at=started_at, val_batches=tuple(val_batches))
+                        scaler=build.build_scaler(rt), started_at=started_at, val_batches=tuple(val_batches),
+                        offload=offloader)
 
     def _start_or_resume(self) -> None:
         """The saved state (resume) or the step-0 evaluation; then the run's meta and the optional views."""
