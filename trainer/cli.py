@@ -59,6 +59,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its saved state")
     p.add_argument("--run-name", dest="run_name")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--base-dtype", dest="base_dtype", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
+                   help="storage dtype of the frozen UNet weights (fp8: about half of bf16; auto: fp8 for an fp8 "
+                        "checkpoint, else the compute dtype)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--save-every", type=int, dest="save_every", help="save the LoRA every N steps")
     p.add_argument("--sample-every", type=int, dest="sample_every", help="sample images every N steps")
@@ -163,7 +166,7 @@ def cmd_train(args) -> int:
 
     flags = {k: getattr(args, k) for k in (
         "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
-        "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
+        "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "base_dtype", "device", "save_every",
         "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
         "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights",
         "offload")}

@@ -28,6 +28,7 @@ PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", 
 CHOICES = {
     "network": ("lora", "loha", "lokr"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "base_dtype": ("auto", "bf16", "fp16", "fp32", "fp8"),
     "device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
     "attention": ("sdpa", "default"),
     "prediction_type": ("auto", "epsilon", "v_prediction"),
@@ -89,6 +90,9 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on CUDA, fp32 on the CPU
     device: str = "auto"
+    # Storage dtype of the frozen UNet's Linear/Conv weights. auto: fp8 for an fp8 checkpoint, else the compute
+    # dtype; fp8: float8_e4m3fn (per-tensor scale), upcast per layer inside the forward (docs/low-vram-fp8.md).
+    base_dtype: str = "auto"
     gradient_checkpointing: bool = True
     attention: str = "sdpa"
     compile: bool = False  # torch.compile each UNet transformer block (regional compilation)
