@@ -1,0 +1,176 @@
+"""UNet block offloading (trainer/offload.py) on the CPU: the hook order in forward and backward (with and without
+gradient checkpointing), gradients bit-identical to no offload for every adapter type while dropped weights are
+poisoned (NaN), the graph holding no copy of a dropped block, and the Trainer's loss and LoRA unchanged."""
+
+import gc
+import math
+import sys
+import weakref
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainer.config import ConfigError, TrainConfig, offload_block_count
+from trainer.model import LoRANetwork
+from trainer.offload import BlockOffloader, unet_blocks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from random_sdxl import TINY_UNET, random_unet, synthetic_batch  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+ORDER = ["down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.0", "up_blocks.1", "up_blocks.2"]
+
+
+class PoisonOffloader(BlockOffloader):
+    """Real copies on the CPU, and NaN in a dropped block's weights: a use without a fetch shows in the result."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.copies = []  # weakrefs to every device copy made
+
+    def _to_device(self, host):
+        c = host.clone()
+        self.copies.append((self._fetching, weakref.ref(c)))
+        return c
+
+    def _prefetch(self, i):
+        self._fetching = self.blocks[i].name if 0 <= i < len(self.blocks) else None
+        super()._prefetch(i)
+
+    def _parked(self, host):
+        return torch.full_like(host, math.nan) if host.is_floating_point() else torch.zeros_like(host)
+
+
+def build(checkpointing, network="lora", dora=False, offload=None, count=None):
+    unet = random_unet(TINY_UNET, "cpu", torch.float32)
+    unet.requires_grad_(False)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    torch.manual_seed(1)
+    net = LoRANetwork(SimpleNamespace(unet=unet, te1=torch.nn.Module(), te2=torch.nn.Module()), 4, 4, conv_rank=2,
+                      network=network, dora=dora)
+    params = net.trainable_parameters()
+    with torch.no_grad():  # LoRA up starts at zero: move it so every factor gets a gradient
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.01)
+    for p in params:
+        p.requires_grad_(True)
+    off = offload(unet, "cpu", count).attach() if offload else None
+    return unet, params, off
+
+
+def forward(unet):
+    lat, tid, emb, pooled = synthetic_batch(2, 64, TINY_UNET)
+    out = unet(lat, torch.tensor([10, 500]), encoder_hidden_states=emb,
+               added_cond_kwargs={"text_embeds": pooled, "time_ids": tid}).sample
+    return out.float().pow(2).mean()
+
+
+def loss_and_grads(unet, params):
+    loss = forward(unet)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_hook_order_forward_then_backward_in_reverse(checkpointing):
+    unet, params, off = build(checkpointing, offload=PoisonOffloader)
+    off.trace = []
+    loss = forward(unet)
+    fwd = list(off.trace)
+    # forward: each block fetched before it runs, the next one prefetched while it runs, dropped after it; the
+    # last block stays for the backward
+    expect = []
+    for i, name in enumerate(ORDER):
+        expect += [("forward", name)] + ([("fetch", name)] if i == 0 else []) + (
+            [("fetch", ORDER[i + 1])] if i + 1 < len(ORDER) else [])
+        if i + 1 < len(ORDER):
+            expect.append(("drop", name))
+    assert fwd == expect
+    assert off.resident() == ["up_blocks.2"]
+    off.trace = []
+    loss.backward()
+    back = [name for event, name in off.trace if event == "backward"]
+    assert back == ORDER[-2::-1]  # fetched again in reverse order (recomputation or a saved weight's token)
+    drops = [name for event, name in off.trace if event == "drop"]
+    assert drops == ORDER[::-1] and off.resident() == []  # every block dropped, the first at the backward's end
+    for event, name in off.trace:  # each backward fetch was prefetched by the block after it
+        if event == "backward" and name != ORDER[-2]:
+            assert off.trace.index(("fetch", name)) < off.trace.index(("backward", name))
+
+
+@pytest.mark.parametrize("network,dora,checkpointing", [("lora", False, True), ("lora", True, True),
+                                                       ("loha", False, True), ("lokr", False, True),
+                                                       ("lora", True, False)])
+def test_gradients_bit_identical_with_poisoned_dropped_weights(network, dora, checkpointing):
+    ref_loss, ref_grads = loss_and_grads(*build(checkpointing, network, dora)[:2])
+    unet, params, off = build(checkpointing, network, dora, offload=PoisonOffloader)
+    loss, grads = loss_and_grads(unet, params)
+    assert torch.isfinite(ref_loss) and torch.equal(loss, ref_loss)
+    assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert all(p.device.type == "cpu" and p.grad is not None for p in params)
+    # the adapters never moved into the blocks' host storage: no LoRA tensor is among the offloaded slots
+    slots = {id(owner._parameters[name]) for b in off.blocks for owner, name, is_param in b.slots if is_param}
+    assert not slots & {id(p) for p in params}
+
+
+def test_the_graph_holds_no_copy_of_a_dropped_block():
+    """Without checkpointing every op saves its inputs; the weights among them are tokens, so after the forward
+    only the last block's copies (kept for the backward) are alive."""
+    unet, params, off = build(False, offload=PoisonOffloader)
+    loss = forward(unet)
+    gc.collect()
+    alive = {name for name, ref in off.copies if ref() is not None}
+    assert alive == {"up_blocks.2"}
+    loss.backward()
+    gc.collect()
+    assert not any(ref() is not None for _, ref in off.copies)
+
+
+def test_n_largest_blocks_and_the_rest_stays_put():
+    unet, params, off = build(True, offload=PoisonOffloader, count=2)
+    sizes = {name: sum(p.numel() for p in b.parameters()) for name, b in unet_blocks(unet)}
+    chosen = [b.name for b in off.blocks]
+    assert len(chosen) == 2 and min(sizes[n] for n in chosen) >= max(s for n, s in sizes.items() if n not in chosen)
+    ref_loss, ref_grads = loss_and_grads(*build(True)[:2])
+    loss, grads = loss_and_grads(unet, params)
+    assert torch.equal(loss, ref_loss) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert off.streamed_peak_bytes() == sum(b.nbytes for b in off.blocks)
+    off.detach()
+    assert all(torch.isfinite(p).all() for p in unet.parameters())  # the weights are back, none poisoned
+
+
+def test_offload_values():
+    assert offload_block_count("none") == 0 and offload_block_count("blocks") is None
+    assert offload_block_count("blocks:3") == 3
+    for bad in ("block", "blocks:0", "blocks:x", "all", ""):
+        with pytest.raises(ConfigError, match="offload must be none, blocks or blocks:N"):
+            TrainConfig(offload=bad).validate(require_paths=False)
+    with pytest.raises(ConfigError, match="offload and compile exclude each other"):
+        TrainConfig(offload="blocks", compile=True).validate(require_paths=False)
+
+
+def test_trainer_offload_on_the_cpu_gives_the_same_loss_and_lora(tmp_path, caplog):
+    from _trainer_helpers import lora_tensors, tiny_config
+
+    from trainer.train import train
+
+    results = {}
+    for mode in ("none", "blocks"):
+        cfg = tiny_config(tmp_path / mode, steps=3, gradient_checkpointing=True, offload=mode)
+        with caplog.at_level("WARNING", logger="emolora.train"):
+            results[mode] = train(cfg)
+    assert "saves nothing here" in caplog.text
+    losses = {}
+    for mode, r in results.items():
+        from trainer.runstore import RunReader
+
+        reader = RunReader(r.run_dir)
+        losses[mode] = [row["loss"] for row in reader.steps()]
+        reader.close()
+    assert losses["none"] == losses["blocks"] and len(losses["none"]) == 3
+    a, b = lora_tensors(results["none"].lora_path), lora_tensors(results["blocks"].lora_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
