@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import build, checkpoint, distributed, telemetry
+from . import build, checkpoint, distributed, telemetry, vram
 from .config import TrainConfig
 from .diffusion import draw_noise
 from .losses import diffusion_loss, fixed_loss, mix_seed, note_validation
@@ -101,6 +101,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stop_message: str | None = None
         self._guard: UpdateGuard | None = None  # finiteness probe and rollback (trainer/rollback.py)
+        self.vram_estimate: dict | None = None  # trainer/vram.py, made before the first step
         self._late = telemetry.LateSignals()  # the previous step's device-side optimizer signals
         self._completed = None  # (step, record) completed by this step's read, logged again by _after_step
         self.saved: list[str] = []
@@ -199,6 +200,7 @@ class Trainer:
     def _start_or_resume(self) -> None:
         """The saved state (resume) or the step-0 evaluation; then the run's meta and the optional views."""
         cfg, run = self.cfg, self.built
+        self._estimate_vram()
         n = sum(p.numel() for p in run.params)
         self.store.set_meta(signals=build.signal_names(cfg), lora_params=n, prediction_type=run.loaded.prediction_type,
                             lr=cfg.lr, model_hash=getattr(run.model, "model_hash", None))
@@ -216,6 +218,18 @@ class Trainer:
             self._tb = telemetry.open_tensorboard(self.run_dir)
         log.info("training %d LoRA parameters with %s (lr %g) for %d steps; run folder %s", n, cfg.optimizer,
                  cfg.lr, cfg.steps, self.run_dir)
+
+    def _estimate_vram(self) -> None:
+        """The VRAM estimate (trainer/vram.py), logged, with a warning naming what would make it fit, and kept in
+        the run's meta (and as emolora_vram_estimate_mb in the LoRA's metadata)."""
+        with torch.random.fork_rng(devices=[]):  # the throwaway optimizer must not move the run's RNG
+            est = vram.estimate(self.cfg, self.built, self.build_optimizer)
+        line, warning = vram.report(self.cfg, est)
+        log.info(line)
+        if warning:
+            log.warning(warning)
+        self.store.set_meta(vram_estimate=est)
+        self.vram_estimate = est
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def run(self, until_step: int | None = None) -> TrainResult:
@@ -560,7 +574,10 @@ class Trainer:
         if not self.dist.is_main:
             return {}  # the run store (what the summary reads) is rank 0's
         device = self.built.device if self.built is not None else torch.device("cpu")
-        return telemetry.summary(self.run_dir, self.loop.step, self.loop.skipped, device)
+        out = telemetry.summary(self.run_dir, self.loop.step, self.loop.skipped, device)
+        if self.vram_estimate is not None:
+            out["vram_estimate_mb"] = round(self.vram_estimate["total"] / 2**20, 1)
+        return out
 
     def result(self) -> TrainResult:
         return TrainResult(self.lora_path, str(self.run_dir), self.loop.step, self.stop_reason, self.loop.skipped,
