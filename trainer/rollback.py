@@ -64,7 +64,7 @@ class LastGoodState:
 
     def __init__(self, params, optimizer, pulse=None, on_host: bool = False):
         self.params = list(params)
-        self.host = on_host and any(p.device.type == "cuda" for p in self.params)
+        self.host = bool(on_host)
         self.optimizer, self.pulse = optimizer, pulse
         self._param_copy: list | None = None
         self._state_bufs: list = []  # device copies of the optimizer's state tensors, reused across steps
@@ -99,9 +99,9 @@ class LastGoodState:
         self.taken = True
 
     def _empty_like(self, t: torch.Tensor) -> torch.Tensor:
-        """A buffer for the copy of t: beside it, or in pinned host memory."""
-        if self.host and t.device.type == "cuda":
-            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+        """A buffer for the copy of t: beside it, or in host memory (pinned where t is on CUDA)."""
+        if self.host:
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
         return torch.empty_like(t)
 
     def nbytes_on(self, device_type: str) -> int:
@@ -114,7 +114,7 @@ class LastGoodState:
         load_state_dict replaces the whole state, so a state created by the bad step does not survive it."""
         if not self.taken:
             raise RuntimeError("no state to roll back to")
-        if self.host:
+        if self.host and any(p.device.type == "cuda" for p in self.params):
             torch.cuda.synchronize()  # the copies into host memory were queued without waiting
         with torch.no_grad():
             _copy_grouped(self.params, self._param_copy)
