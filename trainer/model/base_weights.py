@@ -69,6 +69,8 @@ def upcast(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype,
 def is_power_of_two(scale: torch.Tensor | None) -> bool:
     if scale is None:
         return False
+    if scale.is_meta:
+        return True  # only quantize() makes meta scales, and its scales are powers of two
     value = float(scale)
     return value > 0 and math.frexp(value)[0] == 0.5
 
@@ -77,6 +79,8 @@ def quantize(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     """-> (weight in float8 `dtype`, float32 scale) with weight ~= q * scale. The scale is the power of two that
     puts the tensor's largest magnitude just under the format's maximum, so no value saturates, the most
     mantissa is used, and upcasting multiplies exactly."""
+    if weight.is_meta:  # shapes only (byte counts of a model built on the meta device)
+        return torch.empty(weight.shape, dtype=dtype, device="meta"), torch.ones((), device="meta")
     w = weight.detach().to(torch.float32)
     amax = float(w.abs().max()) if w.numel() else 0.0
     if not math.isfinite(amax):
@@ -178,7 +182,7 @@ def store_unet(unet: nn.Module, storage: torch.dtype, compute: torch.dtype,
     for name, module in storable.items():
         w = module.weight.detach()
         if is_fp8(w.dtype):
-            store(module, w, file_scales.get(name, torch.ones((), dtype=torch.float32)))
+            store(module, w, file_scales.get(name, torch.ones((), dtype=torch.float32, device=w.device)))
         elif is_fp8(storage):
             store(module, *quantize(w, storage))
         elif w.dtype != compute or storage != compute:
