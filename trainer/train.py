@@ -177,6 +177,7 @@ class Trainer:
                         started_at: float) -> RunSetup:
         """Everything after the model and the run folder: LoRA, data and caches, optimizer, LR pulse, fp16 scaler."""
         cfg = self.cfg
+        self.store.set_meta(base_dtype=getattr(loaded.model, "base_dtype", "") or None)  # the UNet weights' storage
         build.seed_everything(cfg.seed)
         network = build.make_network(cfg, loaded.model)
         with self.dist.main_first("caching"):  # rank 0 fills the disk caches, the others then read them
