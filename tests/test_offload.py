@@ -43,8 +43,12 @@ class PoisonOffloader(BlockOffloader):
         return torch.full_like(host, math.nan) if host.is_floating_point() else torch.zeros_like(host)
 
 
-def build(checkpointing, network="lora", dora=False, offload=None, count=None):
+def build(checkpointing, network="lora", dora=False, offload=None, count=None, fp8=False):
     unet = random_unet(TINY_UNET, "cpu", torch.float32)
+    if fp8:  # the frozen Linear/Conv weights held in float8 with a scale (trainer/model/base_weights.py)
+        from trainer.model.base_weights import store_unet
+
+        assert store_unet(unet, torch.float8_e4m3fn, torch.float32) > 0
     unet.requires_grad_(False)
     if checkpointing:
         unet.enable_gradient_checkpointing()
@@ -102,12 +106,12 @@ def test_hook_order_forward_then_backward_in_reverse(checkpointing):
             assert off.trace.index(("fetch", name)) < off.trace.index(("backward", name))
 
 
-@pytest.mark.parametrize("network,dora,checkpointing", [("lora", False, True), ("lora", True, True),
-                                                       ("loha", False, True), ("lokr", False, True),
-                                                       ("lora", True, False)])
-def test_gradients_bit_identical_with_poisoned_dropped_weights(network, dora, checkpointing):
-    ref_loss, ref_grads = loss_and_grads(*build(checkpointing, network, dora)[:2])
-    unet, params, off = build(checkpointing, network, dora, offload=PoisonOffloader)
+@pytest.mark.parametrize("network,dora,checkpointing,fp8", [
+    ("lora", False, True, False), ("lora", True, True, False), ("loha", False, True, False),
+    ("lokr", False, True, False), ("lora", True, False, False), ("lora", True, True, True), ("loha", False, False, True)])
+def test_gradients_bit_identical_with_poisoned_dropped_weights(network, dora, checkpointing, fp8):
+    ref_loss, ref_grads = loss_and_grads(*build(checkpointing, network, dora, fp8=fp8)[:2])
+    unet, params, off = build(checkpointing, network, dora, offload=PoisonOffloader, fp8=fp8)
     loss, grads = loss_and_grads(unet, params)
     assert torch.isfinite(ref_loss) and torch.equal(loss, ref_loss)
     assert all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
@@ -115,12 +119,15 @@ def test_gradients_bit_identical_with_poisoned_dropped_weights(network, dora, ch
     # the adapters never moved into the blocks' host storage: no LoRA tensor is among the offloaded slots
     slots = {id(owner._parameters[name]) for b in off.blocks for owner, name, is_param in b.slots if is_param}
     assert not slots & {id(p) for p in params}
+    if fp8:  # the blocks' float8 weights and their scales are what moves
+        assert any(h.dtype == torch.float8_e4m3fn for b in off.blocks for h in b.host)
 
 
-def test_the_graph_holds_no_copy_of_a_dropped_block():
+@pytest.mark.parametrize("fp8", [False, True])
+def test_the_graph_holds_no_copy_of_a_dropped_block(fp8):
     """Without checkpointing every op saves its inputs; the weights among them are tokens, so after the forward
-    only the last block's copies (kept for the backward) are alive."""
-    unet, params, off = build(False, offload=PoisonOffloader)
+    only the last block's copies (kept for the backward) are alive (fp8: the stored weights the layers save)."""
+    unet, params, off = build(False, offload=PoisonOffloader, fp8=fp8)
     loss = forward(unet)
     gc.collect()
     alive = {name for name, ref in off.copies if ref() is not None}

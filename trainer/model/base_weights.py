@@ -117,11 +117,15 @@ class StoredLayer:
 
 class _StoredLayerFn(torch.autograd.Function):
     """y = op(x, upcast(W), b) whose backward upcasts W again instead of keeping the upcast copy alive. The base is
-    frozen, so only x gets a gradient."""
+    frozen, so only x gets a gradient. The stored weight (and scale) go through save_for_backward, not through the
+    layer, so saved-tensor hooks see them: UNet block offloading (trainer/offload.py) fetches a dropped block's
+    weights for the backward that way."""
 
     @staticmethod
     def forward(ctx, x, layer, bias):
         ctx.layer, ctx.x_shape, ctx.x_dtype = layer, x.shape, x.dtype
+        scale = layer.weight_scale
+        ctx.save_for_backward(layer.weight, *(() if scale is None else (scale,)))
         w = layer.upcast_weight(compute_dtype(x))
         if isinstance(layer, nn.Conv2d):
             return F.conv2d(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
@@ -129,8 +133,8 @@ class _StoredLayerFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        layer = ctx.layer
-        w = layer.upcast_weight(grad.dtype)
+        layer, saved = ctx.layer, ctx.saved_tensors
+        w = upcast(saved[0], saved[1] if len(saved) > 1 else None, grad.dtype, layer.scale_exact)
         if isinstance(layer, nn.Conv2d):
             gx = torch.nn.grad.conv2d_input(ctx.x_shape, w, grad, layer.stride, layer.padding, layer.dilation,
                                             layer.groups)
