@@ -108,7 +108,10 @@ def estimate(cfg: TrainConfig, run, make_optimizer) -> dict:
     dev = run.device
     weights = weight_bytes(run.model, dev)
     on_device = sum(b for parts in weights.values() for k, b in parts.items() if k.startswith("device:"))
-    streamed = run.offload.streamed_peak_bytes() if run.offload is not None else 0
+    # offloaded blocks live on the host and come to the device a block pair at a time (on the CPU they are on the
+    # run's device already, counted above)
+    offloaded = any(k.startswith("host:") for k in weights.get("unet", {}))
+    streamed = run.offload.streamed_peak_bytes() if run.offload is not None and offloaded else 0
     params = sum(tensor_bytes(p) for p in run.params)
     grads = params  # one gradient per parameter, of its dtype
     state = optimizer_state_bytes(make_optimizer, run.params)
