@@ -160,24 +160,24 @@ def test_offload_values():
         TrainConfig(offload="blocks", compile=True).validate(require_paths=False)
 
 
-def test_trainer_offload_on_the_cpu_gives_the_same_loss_and_lora(tmp_path, caplog):
+@pytest.mark.parametrize("base_dtype,offload", [("auto", "blocks"), ("fp8", "blocks:2")])
+def test_trainer_offload_on_the_cpu_gives_the_same_loss_and_lora(tmp_path, caplog, base_dtype, offload):
     from _trainer_helpers import lora_tensors, tiny_config
 
+    from trainer.runstore import RunReader
     from trainer.train import train
 
-    results = {}
-    for mode in ("none", "blocks"):
-        cfg = tiny_config(tmp_path / mode, steps=3, gradient_checkpointing=True, offload=mode)
+    results, losses = {}, {}
+    for mode in ("none", offload):
+        cfg = tiny_config(tmp_path / mode.replace(":", "-"), steps=3, gradient_checkpointing=True, offload=mode,
+                          base_dtype=base_dtype)
         with caplog.at_level("WARNING", logger="emolora.train"):
-            results[mode] = train(cfg)
-    assert "saves nothing here" in caplog.text
-    losses = {}
-    for mode, r in results.items():
-        from trainer.runstore import RunReader
-
+            results[mode] = r = train(cfg)
         reader = RunReader(r.run_dir)
         losses[mode] = [row["loss"] for row in reader.steps()]
+        assert reader.meta()["vram_estimate"]["parts"]["adapter_params"] > 0
         reader.close()
-    assert losses["none"] == losses["blocks"] and len(losses["none"]) == 3
-    a, b = lora_tensors(results["none"].lora_path), lora_tensors(results["blocks"].lora_path)
+    assert "saves nothing here" in caplog.text
+    assert losses["none"] == losses[offload] and len(losses["none"]) == 3
+    a, b = lora_tensors(results["none"].lora_path), lora_tensors(results[offload].lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
