@@ -225,9 +225,11 @@ class BlockOffloader:
             self._need(i)
             return
         self._log("forward", i)
-        for j in range(len(self.blocks)):
+        for j, other in enumerate(self.blocks):
             if j != i:
                 self._drop(j)
+                if j != i + 1:
+                    other.pending = None  # a prefetch an interrupted forward left behind
         self._ensure(i)
         self._prefetch(i + 1)
         if torch.is_grad_enabled():
