@@ -134,3 +134,16 @@ def test_warning_names_what_would_fit():
                       rollback_on_host=True, resolution=768, cache_text="memory")
     assert options_to_fit(low, {**est, "parts": {**est["parts"], "rollback_copy": 0}}) == []
     assert report(cfg, {**est, "fits": True})[1] is None
+
+
+def test_low_vram_presets():
+    """8gb/6gb/4gb: fp8 base, batch 1, checkpointing, latents and text outputs cached (encoders off the GPU), and
+    more offloading and host-side copies the smaller the card."""
+    from trainer.config import build_config
+
+    expect = {"8gb": ("none", False), "6gb": ("blocks:3", True), "4gb": ("blocks", True)}
+    for name, (offload, on_host) in expect.items():
+        cfg = build_config(presets=[name], overrides={"model": "m", "data": "d", "output": "o.safetensors"})
+        assert (cfg.base_dtype, cfg.batch_size, cfg.gradient_checkpointing) == ("fp8", 1, True), name
+        assert cfg.cache_latents != "off" and cfg.cache_text != "off" and not cfg.train_text_encoder, name
+        assert (cfg.offload, cfg.rollback_on_host) == (offload, on_host), name
