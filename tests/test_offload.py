@@ -181,3 +181,12 @@ def test_trainer_offload_on_the_cpu_gives_the_same_loss_and_lora(tmp_path, caplo
     assert losses["none"] == losses[offload] and len(losses["none"]) == 3
     a, b = lora_tensors(results["none"].lora_path), lora_tensors(results[offload].lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_offload_flag_bad_value_is_one_line(tmp_path, capsys):
+    from trainer.cli import main
+
+    code = main(["train", "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path), "--output",
+                 str(tmp_path / "o.safetensors"), "--offload", "blocks:zero", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: offload must be none, blocks or blocks:N (N >= 1 UNet blocks), got 'blocks:zero'"
