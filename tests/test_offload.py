@@ -108,7 +108,8 @@ def test_hook_order_forward_then_backward_in_reverse(checkpointing):
 
 @pytest.mark.parametrize("network,dora,checkpointing,fp8", [
     ("lora", False, True, False), ("lora", True, True, False), ("loha", False, True, False),
-    ("lokr", False, True, False), ("lora", True, False, False), ("lora", True, True, True), ("loha", False, False, True)])
+    ("lokr", False, True, False), ("lora", True, False, False), ("lora", True, True, True),
+    ("loha", False, False, True)])
 def test_gradients_bit_identical_with_poisoned_dropped_weights(network, dora, checkpointing, fp8):
     ref_loss, ref_grads = loss_and_grads(*build(checkpointing, network, dora, fp8=fp8)[:2])
     unet, params, off = build(checkpointing, network, dora, offload=PoisonOffloader, fp8=fp8)
@@ -189,4 +190,5 @@ def test_cli_offload_flag_bad_value_is_one_line(tmp_path, capsys):
     code = main(["train", "--model", str(tmp_path / "m.safetensors"), "--data", str(tmp_path), "--output",
                  str(tmp_path / "o.safetensors"), "--offload", "blocks:zero", "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and err == "error: offload must be none, blocks or blocks:N (N >= 1 UNet blocks), got 'blocks:zero'"
+    assert code == 2
+    assert err == "error: offload must be none, blocks or blocks:N (N >= 1 UNet blocks), got 'blocks:zero'"

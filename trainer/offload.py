@@ -123,7 +123,7 @@ class BlockOffloader:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for i, block in enumerate(self.blocks):
+        for block in self.blocks:
             for (owner, name, is_param), host in zip(block.slots, block.host):
                 self._set(owner, name, is_param, host.to(self.device))
             block.on_device = block.pending = None

@@ -7,11 +7,11 @@ of step n is detected at step n+1, one read later, at no extra sync. A save in b
 
 To undo it, `LastGoodState` keeps, on the parameters' device (or, with rollback_on_host, in pinned host memory),
 one copy of the LoRA tensors and of the optimizer's state as they were before the latest update (verified finite
-by the read that preceded it). Cost: one extra copy of params + optimizer state in memory, and per step one `torch._foreach_copy_` per
-(device, dtype) group plus a Python walk over the state dict (a few ms for SDXL's 1,444 tensors); no host
-sync. A restore (rare) goes through optimizer.load_state_dict, which also brings back the optimizer's host-side
-scalars (loss EMAs, counters, should_stop). The LR pulse is snapshotted the same way; the fp16 GradScaler is
-not (its scale only ever reacts to overflows, which is what it is for).
+by the read that preceded it). Cost: one extra copy of params + optimizer state in memory, and per step one
+`torch._foreach_copy_` per (device, dtype) group plus a Python walk over the state dict (a few ms for SDXL's 1,444
+tensors); no host sync. A restore (rare) goes through optimizer.load_state_dict, which also brings back the
+optimizer's host-side scalars (loss EMAs, counters, should_stop). The LR pulse is snapshotted the same way; the
+fp16 GradScaler is not (its scale only ever reacts to overflows, which is what it is for).
 """
 
 from __future__ import annotations
