@@ -4,6 +4,7 @@
     python benchmarks/bench_gpu.py                               # CUDA, more steps per row
     python benchmarks/bench_gpu.py --device cpu --unet tiny      # the same code on the CPU, under a minute
     python benchmarks/bench_gpu.py --quick --compile             # plus ours EmoNavi with regional torch.compile
+    python benchmarks/bench_gpu.py --vram                         # low VRAM: bf16 / fp8 / fp8 + offload, estimate
 
 One process, one markdown table (and --json PATH for the rows):
 
@@ -17,6 +18,12 @@ One process, one markdown table (and --json PATH for the rows):
 - optimizer: one step over the same LoRA parameter set (trainer/optim/bench: kohya's 1,444 SDXL LoRA tensors,
   rank 32; --unet tiny: every 10th target), every optimizer of ours against torch AdamW fused, and ours against
   pytorch_optimizer's EmoNavi/EmoFact/EmoLynx.
+
+- vram (--vram, alone): batch 1, checkpointing on, 1024x1024, rank 32: the reference, then ours (AdamW fused)
+  with a bf16 base, an fp8 base, and an fp8 base with every UNet block offloaded (rollback copy on the host);
+  peak memory, s/it, and the VRAM estimate (trainer/vram.py) with its error against the measured peak. Targets
+  (issue 17): fp8 peak <= 4.5 GiB (4,608 MB) and step <= 1.15x the bf16 base's; fp8 + offload peak <= 3.5 GiB
+  (3,584 MB) and step <= 1.5x.
 
 Targets (issue 10; checked on CUDA only, CPU figures are a smoke test): our AdamW and EmoNavi steps <= 1.0x the
 reference s/it and peak memory; every optimizer step <= 1.5x torch fused AdamW (AutoTrustGO <= 3x); ours at
@@ -40,15 +47,18 @@ EXTERNAL = ("EmoNavi", "EmoFact", "EmoLynx")  # pytorch_optimizer's ports
 
 
 # ---- train: ours ---------------------------------------------------------------------------------------------------
-def ours_step(args, config, optimizer, batch, checkpointing, compile_blocks=False):
-    """-> (train_step, cleanup, LoRA module count) for our Trainer on a random UNet."""
+def ours_step(args, config, optimizer, batch, checkpointing, compile_blocks=False, options=None, keep=None):
+    """-> (train_step, cleanup, LoRA module count) for our Trainer on a random UNet. options: more TrainConfig
+    values (base_dtype, offload, ...); keep: a dict that receives the trainer's VRAM estimate."""
     cuda = args.device.startswith("cuda")
     cfg = synthetic_config(resolution=args.resolution, rank=args.rank, batch_size=batch, optimizer=optimizer,
                            lr=1e-4, device=args.device, mixed_precision="bf16" if cuda else "no",
                            gradient_checkpointing=checkpointing, compile=compile_blocks,
-                           optimizer_args={"fused": True} if optimizer == "AdamW" else {})
+                           optimizer_args={"fused": True} if optimizer == "AdamW" else {}, **(options or {}))
     trainer = random_unet_trainer(config)(cfg)
     trainer.setup()
+    if keep is not None:
+        keep["estimate"] = trainer.vram_estimate
 
     def cleanup():
         trainer.close()
@@ -154,6 +164,39 @@ def train_rows(args, config, out):
                          ratio=_ratio(s, ref_s), mem_ratio=_ratio(mb, ref_mb)))
 
 
+# ---- vram: low-memory settings at batch 1 with checkpointing (issue 17) -------------------------------------------
+VRAM_ROWS = (  # (label, options, peak target in MiB or None, step-time target vs the bf16 row or None)
+    ("bf16 base", {"base_dtype": "bf16"}, None, None),
+    ("fp8 base", {"base_dtype": "fp8"}, 4608, 1.15),
+    ("fp8 base + offload blocks, rollback copy on host", {"base_dtype": "fp8", "offload": "blocks",
+                                                          "rollback_on_host": True}, 3584, 1.5),
+)
+
+
+def vram_rows(args, config, out):
+    """Peak memory and s/it of ours (AdamW fused) with a bf16 base, an fp8 base and fp8 + offload, against the
+    reference; each of ours with its VRAM estimate and the estimate's error against the measured peak."""
+    where = "bs 1, ckpt on"
+    ref_s, ref_mb, ref_n = measure(args, partial(reference_step, args, config, 1, True))
+    out(dict(part="vram", config=where, impl=f"reference (diffusers+peft, AdamW fused; {ref_n} targets)", s=ref_s,
+             mb=ref_mb))
+    bf16_s = None
+    for label, options, mb_target, s_target in VRAM_ROWS:
+        keep = {}
+        s, mb, _ = measure(args, partial(ours_step, args, config, "AdamW", 1, True, options=options, keep=keep))
+        est = (keep.get("estimate") or {}).get("total")
+        row = dict(part="vram", config=where, impl=f"ours AdamW (fused), {label}", s=s, mb=mb,
+                   estimate_mb=est / 2**20 if est else None, mem_ratio=_ratio(mb, ref_mb))
+        if est and mb:
+            row["estimate_error"] = est / 2**20 / mb - 1  # + : the estimate is above the measured peak
+        if bf16_s is None:
+            bf16_s = s
+            row.update(vs="reference", ratio=_ratio(s, ref_s))
+        else:
+            row.update(vs="bf16 base", ratio=_ratio(s, bf16_s), target=s_target, mb_target=mb_target)
+        out(row)
+
+
 # ---- the optimizer step alone --------------------------------------------------------------------------------------
 def optimizer_rows(args, out):
     import torch
@@ -212,8 +255,9 @@ def render(rows, header: str, check: bool) -> str:
              "|---|---|---|---:|---:|---:|---|---|"]
     for r in rows:
         s = r.get("s")
-        speed = "OOM" if s is None and r.get("part") == "train" else (
-            "-" if s is None else f"{s:.3f} s" if r["part"] == "train" else f"{s * 1e3:.2f} ms")
+        steps = r.get("part") in ("train", "vram")  # whole training steps: seconds; optimizer steps: ms
+        speed = "OOM" if s is None and steps else (
+            "-" if s is None else f"{s:.3f} s" if steps else f"{s * 1e3:.2f} ms")
         mb = f"{r['mb']:,.0f}" if r.get("mb") else "-"
         ratio = f"{r['ratio']:.2f}x" if r.get("ratio") is not None else "-"
         if r.get("mem_ratio") is not None:
@@ -223,6 +267,12 @@ def render(rows, header: str, check: bool) -> str:
             met = r.get("ratio") is not None and r["ratio"] <= r["target"] and (
                 r.get("mem_ratio") is None or r["part"] != "train" or r["mem_ratio"] <= r["target"])
             target = f"<= {r['target']:g}x" + ((" ✓" if met else " ✗") if check else " (not checked: CPU)")
+        if r.get("mb_target") is not None:
+            met = r.get("mb") is not None and r["mb"] <= r["mb_target"]
+            target += f"; peak <= {r['mb_target']:,} MB" + ((" ✓" if met else " ✗") if check else "")
+        if r.get("estimate_mb") is not None:
+            err = f", error {r['estimate_error']:+.0%}" if r.get("estimate_error") is not None else ""
+            r = {**r, "note": "; ".join(x for x in (r.get("note"), f"estimate {r['estimate_mb']:,.0f} MB{err}") if x)}
         note = f" ({r['note']})" if r.get("note") else ""
         lines.append(f"| {r['part']} | {r['config']} | {r['impl']}{note} | {speed} | {mb} | {ratio} | "
                      f"{r.get('vs', '')} | {target} |")
@@ -238,6 +288,9 @@ def main(argv=None) -> int:
     p.add_argument("--resolution", type=int, help="default: 1024 (sdxl), 64 (tiny)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--only", choices=["train", "optimizer"], help="one part only")
+    p.add_argument("--vram", action="store_true",
+                   help="only the low-VRAM table: batch 1, checkpointing, bf16 / fp8 / fp8 + offload base, with the "
+                        "VRAM estimate's error against the measured peak")
     p.add_argument("--compile", action="store_true", help="also time ours EmoNavi with --compile (train part)")
     p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--threads", type=int, help="CPU threads (--device cpu; default 1)")
@@ -269,9 +322,11 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in row.items()}), file=sys.stderr, flush=True)  # progress
 
     t0 = time.perf_counter()
-    if args.only in (None, "train"):
+    if args.vram:
+        vram_rows(args, UNETS[args.unet], out)
+    if args.only in (None, "train") and not args.vram:
         train_rows(args, UNETS[args.unet], out)
-    if args.only in (None, "optimizer"):
+    if args.only in (None, "optimizer") and not args.vram:
         optimizer_rows(args, out)
     print(render(rows, header, check=args.device.startswith("cuda")))
     print(f"\n({time.perf_counter() - t0:.0f} s)")

@@ -104,11 +104,17 @@ def random_unet_trainer(config: dict):
             from trainer.diffusion import NoiseSchedule
             from trainer.parts import LoadedModel
 
+            from trainer.model.base_weights import store_unet
+            from trainer.model.loader import storage_dtype
+
             t0 = time.perf_counter()
             unet = random_unet(config, rt.device, rt.weight_dtype)
+            storage = storage_dtype(self.cfg.base_dtype, rt.weight_dtype, False)  # --base-dtype fp8: as loaded
+            stored = store_unet(unet, storage, rt.weight_dtype) if storage != rt.weight_dtype else 0
             stub = torch.nn.Module  # the latents and text outputs are "cached"
             model = SimpleNamespace(unet=unet, te1=stub(), te2=stub(), vae=stub(), prediction_type="epsilon",
-                                    model_hash="random-sdxl", zero_terminal_snr=False)
+                                    model_hash="random-sdxl", zero_terminal_snr=False,
+                                    base_dtype=str(storage).removeprefix("torch."), stored_layers=stored)
             prepare_model(self.cfg, model)
             self.build_s = time.perf_counter() - t0
             return LoadedModel(model, "epsilon", NoiseSchedule())

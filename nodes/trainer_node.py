@@ -31,6 +31,7 @@ from .training import (
 
 NO_PRESET = "none"
 NO_LORA = "none"
+OFFLOAD_CHOICES = ("none", "blocks", *(f"blocks:{n}" for n in range(1, 7)))  # SDXL's UNet has 7 blocks
 
 
 def _preset_tooltip() -> str:
@@ -119,6 +120,11 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("tucker", default=False, optional=True,
                                  tooltip="Tucker cores for the 3x3 conv layers (LyCORIS use_tucker); needs "
                                          "conv_rank > 0, network lora or loha."),
+                # ---- low VRAM (issue 17, offload): for the lead to move into the Training Options node
+                io.Combo.Input("offload", options=list(OFFLOAD_CHOICES), default="none", optional=True,
+                               tooltip="Stream the UNet's down/mid/up blocks from host memory to the GPU as they "
+                                       "run: blocks = all 7, blocks:N = the N largest. Less VRAM, slower steps; "
+                                       "saves nothing on the CPU."),
                 *_gpus_input(),
             ],
             outputs=[
@@ -136,7 +142,7 @@ class EmoLoRATrainer(io.ComfyNode):
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
                 sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
-                compile=False, tucker=False, gpus=1) -> io.NodeOutput:
+                compile=False, tucker=False, offload="none", gpus=1) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -162,7 +168,8 @@ class EmoLoRATrainer(io.ComfyNode):
                    "sample_size": int(sample_size) or None, "sample_steps": int(sample_steps),
                    "network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": weights,
                    "auto_stop_on": auto_stop_on or "should_stop", "validation_every": int(validation_every or 0),
-                   "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker)}
+                   "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker),
+                   "offload": offload or "none"}
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
         free_comfy_models()

@@ -77,3 +77,19 @@ def test_device_signals_complete_the_previous_record(trainer):
     assert "mask_ema" not in record  # this step's device signals are not read yet
     rows = {r["step"]: r for r in RunReader(trainer.run_dir).steps()}
     assert all(isinstance(rows[s].get("mask_ema"), float) for s in steps[:-1])
+
+
+def test_rollback_copy_on_host_adds_no_read(trainer, monkeypatch):
+    """rollback_on_host (the low-VRAM presets): the copy goes to host memory by non-blocking copies, still one
+    read per step (on the CPU the host is the device: this checks the code path, not the overlap)."""
+    use_optimizer(trainer, "EmoNavi")
+    trainer.cfg = trainer.cfg.replace(rollback_on_host=True)
+    trainer._guard = None
+    for _ in range(2):
+        trainer._after_step(trainer.train_step())
+    assert trainer._guard.last_good.host
+    monkeypatch.setattr(syncs, "SYNC_METHODS", syncs.SYNC_METHODS + READS)
+    with SyncCounter() as c:
+        record = trainer.train_step()
+    trainer._after_step(record)
+    assert c.count <= 1, dict(c.by_name)

@@ -51,12 +51,15 @@ def all_finite(path) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in lora_tensors(path).values())
 
 
-def test_one_bad_update_is_rolled_back_and_the_run_finishes(tmp_path):
+@pytest.mark.parametrize("on_host", [False, True])
+def test_one_bad_update_is_rolled_back_and_the_run_finishes(tmp_path, on_host):
     # The 3rd update is bad; a LoRA save falls on step 3, before any step read could see it: the save checks.
-    cfg = tiny_config(tmp_path, optimizer="AdamW", lr=1e-3, steps=6, save_every=3)
+    # on_host: the rollback's copy in host memory (the low-VRAM presets; on the CPU the same memory, other code).
+    cfg = tiny_config(tmp_path, optimizer="AdamW", lr=1e-3, steps=6, save_every=3, rollback_on_host=on_host)
     t, res = run(poisoned_trainer(lambda n: n == 3), cfg)
     assert res.stop_reason == "finished" and res.steps_done == 6
     assert res.rolled_back == 1 and res.message is None
+    assert t._guard.last_good.host is on_host
     assert all(all_finite(p) for p in res.saved) and len(res.saved) == 2
     reader = RunReader(res.run_dir)
     rollbacks = reader.events(kind="rollback")
@@ -122,8 +125,9 @@ def test_the_writer_itself_refuses_nan(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.parametrize("on_host", [False, True])
 @pytest.mark.parametrize("name", ["AdamW", *__import__("trainer.optim", fromlist=["OPTIMIZERS"]).OPTIMIZERS])
-def test_rollback_returns_the_optimizer_exactly_to_before_the_update(name):
+def test_rollback_returns_the_optimizer_exactly_to_before_the_update(name, on_host):
     """take, a (bad) step, restore, a good step == that good step alone: weights, tensor state and the host-side
     scalars (loss EMAs, counters, should_stop) all come back."""
     from trainer.optim import OPTIMIZER_INFO, create_optimizer
@@ -145,7 +149,7 @@ def test_rollback_returns_the_optimizer_exactly_to_before_the_update(name):
     for k in range(3):  # some history first: state exists and the EMAs have moved
         step(pa, a, k, 0.2 - 0.01 * k)
         step(pb, b, k, 0.2 - 0.01 * k)
-    guard = LastGoodState(pa, a)
+    guard = LastGoodState(pa, a, on_host=on_host)
     guard.take()
     step(pa, a, 99, 5.0)  # the update to undo (a loss spike moves the emotion too)
     guard.restore()

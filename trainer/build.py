@@ -46,6 +46,12 @@ def scan_and_place(cfg: TrainConfig):
     items, val_items = hold_out_validation(cfg, items, report)
     device = pick_device(cfg.device)
     runtime = Runtime(device, pick_precision(cfg.mixed_precision, device))
+    if cfg.base_dtype == "fp8":
+        from .model.base_weights import fp8_dtype
+
+        if fp8_dtype() is None:
+            raise ConfigError(f"base_dtype fp8 needs a torch with float8 dtypes (torch >= 2.1); this is torch "
+                              f"{torch.__version__}: use base_dtype bf16 or upgrade torch")
     if cfg.lr is None:
         from .optim import OPTIMIZER_INFO
 
@@ -97,11 +103,16 @@ def build_validation(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, data, v
 
 # ---- the model ---------------------------------------------------------------------------------------------------
 def load_model(cfg: TrainConfig, rt: Runtime) -> LoadedModel:
-    """The UNet and text encoders in the precision's dtype, the VAE in float32; frozen and prepared."""
+    """The UNet and text encoders in the precision's dtype (the UNet's Linear/Conv weights held as base_dtype
+    says), the VAE in float32; frozen and prepared."""
     from . import model as M
 
     log.info("loading %s (%s on %s)", cfg.model, rt.precision, rt.device)
-    model = M.load_sdxl(cfg.model, dtype=rt.weight_dtype, vae_dtype=torch.float32, tokenizer_dir=cfg.tokenizer)
+    model = M.load_sdxl(cfg.model, dtype=rt.weight_dtype, vae_dtype=torch.float32, tokenizer_dir=cfg.tokenizer,
+                        base_dtype=cfg.base_dtype)
+    if model.stored_layers:
+        log.info("UNet base weights: %d Linear/Conv layers held as %s, upcast per layer to %s", model.stored_layers,
+                 model.base_dtype, rt.precision)
     prediction_type = model.prediction_type if cfg.prediction_type == "auto" else cfg.prediction_type
     schedule = NoiseSchedule(zero_terminal_snr=bool(getattr(model, "zero_terminal_snr", False)))
     prepare_model(cfg, model)
@@ -171,6 +182,22 @@ def open_run(cfg: TrainConfig, rt: Runtime, report) -> tuple[RunStore, ControlPo
 
 
 # ---- LoRA, data, optimizer ---------------------------------------------------------------------------------------
+def place_unet(cfg: TrainConfig, rt: Runtime, unet):
+    """The UNet on the run's device; with cfg.offload, its down/mid/up blocks (or the N largest) stay in pinned
+    host memory and stream in (trainer/offload.py). -> the BlockOffloader, or None."""
+    from .config import offload_block_count
+    from .offload import BlockOffloader
+
+    count = offload_block_count(cfg.offload)
+    if count == 0:
+        unet.to(rt.device)
+        return None
+    if rt.device.type != "cuda":
+        log.warning("offload=%s on %s: it runs, but the weights are on the host anyway, so it saves nothing "
+                    "here (it saves GPU memory on CUDA)", cfg.offload, rt.device)
+    return BlockOffloader(unet, rt.device, count).attach()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -55,6 +55,7 @@ def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason, summary: di
         lr_scheduler=cfg.lr_scheduler, lr_warmup_steps=cfg.warmup_steps, max_train_steps=cfg.steps,
         max_grad_norm=cfg.max_grad_norm, gradient_accumulation_steps=cfg.grad_accum,
         gradient_checkpointing=cfg.gradient_checkpointing, mixed_precision=run.runtime.precision,
+        fp8_base=str(getattr(run.model, "base_dtype", "")).startswith("float8"),  # kohya's key, always written
         cache_latents=cfg.cache_latents != "off", noise_offset=cfg.noise_offset or None,
         min_snr_gamma=cfg.min_snr_gamma or None, loss_type=cfg.loss_type,
         huber_c=cfg.huber_c if cfg.loss_type == "huber" else None, batch_size_per_device=cfg.batch_size,

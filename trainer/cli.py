@@ -67,6 +67,9 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
         p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder from its saved state")
         p.add_argument("--run-name", dest="run_name")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=["auto", "no", "bf16", "fp16"])
+    p.add_argument("--base-dtype", dest="base_dtype", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
+                   help="storage dtype of the frozen UNet weights (fp8: about half of bf16; auto: fp8 for an fp8 "
+                        "checkpoint, else the compute dtype)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--save-every", type=int, dest="save_every", help="save the LoRA every N steps")
     p.add_argument("--sample-every", type=int, dest="sample_every", help="sample images every N steps")
@@ -85,6 +88,9 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
                    help="updates in a row that make the LoRA non-finite (rolled back) before stopping (default 3)")
     p.add_argument("--compile", action="store_const", const=True, default=None,
                    help="torch.compile the UNet's transformer blocks (slower start, faster steps on a GPU)")
+    # ---- low VRAM (issue 17)
+    p.add_argument("--offload", metavar="none|blocks|blocks:N",
+                   help="stream the UNet's down/mid/up blocks (or the N largest) from pinned host memory")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any other option (value parsed as JSON)")
 
 
@@ -178,10 +184,10 @@ def _setup_logging(verbose: bool) -> None:
 
 # ---- commands -------------------------------------------------------------------------------------------------
 FLAG_KEYS = ("model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
-             "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
-             "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
-             "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights",
-             "optimizer_loss", "max_consecutive_bad_steps", "compile")
+             "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "base_dtype", "device",
+             "save_every", "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split",
+             "validation_data", "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker",
+             "network_weights", "optimizer_loss", "max_consecutive_bad_steps", "compile", "offload")
 
 
 def _overrides(args, skip=()) -> dict:

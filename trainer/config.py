@@ -28,6 +28,7 @@ PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", 
 CHOICES = {
     "network": ("lora", "loha", "lokr"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "base_dtype": ("auto", "bf16", "fp16", "fp32", "fp8"),
     "device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
     "attention": ("sdpa", "default"),
     "prediction_type": ("auto", "epsilon", "v_prediction"),
@@ -94,9 +95,15 @@ class TrainConfig:
     seed: int = 42
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 on CUDA, fp32 on the CPU
     device: str = "auto"
+    # Storage dtype of the frozen UNet's Linear/Conv weights. auto: fp8 for an fp8 checkpoint, else the compute
+    # dtype; fp8: float8_e4m3fn (per-tensor scale), upcast per layer inside the forward (docs/low-vram-fp8.md).
+    base_dtype: str = "auto"
     gradient_checkpointing: bool = True
     attention: str = "sdpa"
     compile: bool = False  # torch.compile each UNet transformer block (regional compilation)
+    # ---- low VRAM (trainer/offload.py, trainer/vram.py)
+    offload: str = "none"  # "blocks": the UNet's down/mid/up blocks stream from host memory; "blocks:N": the N largest
+    rollback_on_host: bool = False  # the rollback's copy of LoRA + optimizer state in pinned host memory, not the GPU
     # ---- diffusion
     prediction_type: str = "auto"  # auto: what the checkpoint declares
     noise_offset: float = 0.0  # 0.0357 is a common SDXL value
@@ -206,6 +213,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ConfigError(f"lokr_factor must be -1 or >= 1, got {self.lokr_factor}")
+        offload_block_count(self.offload)  # raises on a bad value
+        if self.offload != "none" and self.compile:
+            raise ConfigError("offload and compile exclude each other: the offload hooks swap the weights that "
+                              "compiled blocks are specialised on")
         if self.tucker and not self.conv_rank:
             raise ConfigError("tucker needs conv_rank > 0: its cores belong to the 3x3 conv adapters")
         if self.tucker and self.network == "lokr":
@@ -257,6 +268,18 @@ class TrainConfig:
         if not self.caption_extensions:
             raise ConfigError("caption_extensions must name at least one extension")
         return self
+
+
+def offload_block_count(value: str) -> int | None:
+    """The `offload` option as a count: 0 for "none", None for "blocks" (all of them), N for "blocks:N"."""
+    if value == "none":
+        return 0
+    if value == "blocks":
+        return None
+    head, _, n = str(value).partition(":")
+    if head == "blocks" and n.isdigit() and int(n) >= 1:
+        return int(n)
+    raise ConfigError(f"offload must be none, blocks or blocks:N (N >= 1 UNet blocks), got {value!r}")
 
 
 # ---- typed construction ---------------------------------------------------------------------------------------

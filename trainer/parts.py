@@ -56,6 +56,7 @@ class RunSetup:
     scaler: Any  # torch.amp.GradScaler (fp16) or None
     started_at: float  # the run's first start (kept across resumes)
     val_batches: tuple = ()  # the held-out validation images as fixed batches (empty: no validation)
+    offload: Any = None  # trainer.offload.BlockOffloader streaming UNet blocks (cfg.offload), or None
 
     @property
     def device(self) -> torch.device:

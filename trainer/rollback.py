@@ -5,13 +5,13 @@ host read happens before the update, and the update's outcome can only be seen b
 read carries `total_norm(params)` (the LoRA's L2 norm: inf or NaN as soon as one element is), so a bad update
 of step n is detected at step n+1, one read later, at no extra sync. A save in between checks on its own.
 
-To undo it, `LastGoodState` keeps, on the parameters' device, one copy of the LoRA tensors and of the
-optimizer's state as they were before the latest update (verified finite by the read that preceded it). Cost:
-one extra copy of params + optimizer state in memory, and per step one `torch._foreach_copy_` per
-(device, dtype) group plus a Python walk over the state dict (a few ms for SDXL's 1,444 tensors); no host
-sync. A restore (rare) goes through optimizer.load_state_dict, which also brings back the optimizer's host-side
-scalars (loss EMAs, counters, should_stop). The LR pulse is snapshotted the same way; the fp16 GradScaler is
-not (its scale only ever reacts to overflows, which is what it is for).
+To undo it, `LastGoodState` keeps, on the parameters' device (or, with rollback_on_host, in pinned host memory),
+one copy of the LoRA tensors and of the optimizer's state as they were before the latest update (verified finite
+by the read that preceded it). Cost: one extra copy of params + optimizer state in memory, and per step one
+`torch._foreach_copy_` per (device, dtype) group plus a Python walk over the state dict (a few ms for SDXL's 1,444
+tensors); no host sync. A restore (rare) goes through optimizer.load_state_dict, which also brings back the
+optimizer's host-side scalars (loss EMAs, counters, should_stop). The LR pulse is snapshotted the same way; the
+fp16 GradScaler is not (its scale only ever reacts to overflows, which is what it is for).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def total_norm(tensors) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dev) for n in norms]))
 
 
-def _copy_grouped(dst: list, src: list) -> None:
-    """dst[i].copy_(src[i]) as one _foreach_copy_ per (device, dtype): a constant number of kernels."""
+def _copy_grouped(dst: list, src: list, non_blocking: bool = False) -> None:
+    """dst[i].copy_(src[i]) as one _foreach_copy_ per (device, dtype): a constant number of kernels (between
+    devices torch copies tensor by tensor; non_blocking into pinned host memory queues them without a sync)."""
     groups: dict = {}
     for d, s in zip(dst, src):
         key = (d.device, d.dtype, s.device, s.dtype)
@@ -46,7 +47,7 @@ def _copy_grouped(dst: list, src: list) -> None:
         ds.append(d)
         ss.append(s)
     for ds, ss in groups.values():
-        torch._foreach_copy_(ds, ss)
+        torch._foreach_copy_(ds, ss, non_blocking=non_blocking)
 
 
 def _host_copy(v):
@@ -55,10 +56,15 @@ def _host_copy(v):
 
 
 class LastGoodState:
-    """The LoRA parameters, the optimizer's state and the LR pulse as they were before the latest update."""
+    """The LoRA parameters, the optimizer's state and the LR pulse as they were before the latest update.
 
-    def __init__(self, params, optimizer, pulse=None):
+    on_host: keep the copy in host memory (pinned, filled by non-blocking copies queued behind the backward on
+    the device's stream: no host sync per step) instead of on the parameters' device (the low-VRAM presets).
+    A restore, rare, synchronises before it reads the copy back."""
+
+    def __init__(self, params, optimizer, pulse=None, on_host: bool = False):
         self.params = list(params)
+        self.host = bool(on_host)
         self.optimizer, self.pulse = optimizer, pulse
         self._param_copy: list | None = None
         self._state_bufs: list = []  # device copies of the optimizer's state tensors, reused across steps
@@ -71,7 +77,7 @@ class LastGoodState:
         """Copy the current (verified) parameters and optimizer state; call right before optimizer.step()."""
         with torch.no_grad():
             if self._param_copy is None:
-                self._param_copy = [torch.empty_like(p) for p in self.params]
+                self._param_copy = [self._empty_like(p) for p in self.params]
             sd = self.optimizer.state_dict()
             tensors, where = [], []
             for idx, st in sd["state"].items():
@@ -82,8 +88,8 @@ class LastGoodState:
             if len(self._state_bufs) != len(tensors) or any(
                     b.shape != t.shape or b.dtype != t.dtype or b.device != t.device
                     for b, t in zip(self._state_bufs, tensors)):
-                self._state_bufs = [torch.empty_like(t) for t in tensors]  # first step, or the state grew
-            _copy_grouped(self._param_copy + self._state_bufs, self.params + tensors)
+                self._state_bufs = [self._empty_like(t) for t in tensors]  # first step, or the state grew
+            _copy_grouped(self._param_copy + self._state_bufs, self.params + tensors, non_blocking=self.host)
         self._opt_state = {idx: {k: _host_copy(v) for k, v in st.items() if not torch.is_tensor(v)}
                            for idx, st in sd["state"].items()}
         for (idx, k), buf in zip(where, self._state_bufs):
@@ -92,11 +98,24 @@ class LastGoodState:
         self._pulse_sd = copy.deepcopy(self.pulse.state_dict()) if self.pulse is not None else None
         self.taken = True
 
+    def _empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """A buffer for the copy of t: beside it, or in host memory (pinned where t is on CUDA)."""
+        if self.host:
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.device.type == "cuda")
+        return torch.empty_like(t)
+
+    def nbytes_on(self, device_type: str) -> int:
+        """Bytes of the copy held on a device type ("cuda", "cpu")."""
+        return sum(t.numel() * t.element_size() for t in (self._param_copy or []) + self._state_bufs
+                   if t.device.type == device_type)
+
     def restore(self) -> None:
         """Put the copied parameters and optimizer state back (the copies stay valid for another restore).
         load_state_dict replaces the whole state, so a state created by the bad step does not survive it."""
         if not self.taken:
             raise RuntimeError("no state to roll back to")
+        if self.host and any(p.device.type == "cuda" for p in self.params):
+            torch.cuda.synchronize()  # the copies into host memory were queued without waiting
         with torch.no_grad():
             _copy_grouped(self.params, self._param_copy)
         # Clones: torch's load_state_dict keeps tensors that already have the right device and dtype, and the
@@ -114,7 +133,8 @@ class UpdateGuard:
 
     def __init__(self, cfg, run, store):
         self.cfg, self.params, self.store = cfg, run.params, store
-        self.last_good = LastGoodState(run.params, run.optimizer, run.pulse)
+        self.last_good = LastGoodState(run.params, run.optimizer, run.pulse,
+                                       on_host=bool(getattr(cfg, "rollback_on_host", False)))
         self.unverified = False  # an update was made that no read has checked yet
         self.bad_step = None  # the step whose update was rolled back last
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import build, checkpoint, distributed, telemetry
+from . import build, checkpoint, distributed, telemetry, vram
 from .config import ConfigError, TrainConfig
 from .diffusion import draw_noise
 from .losses import diffusion_loss, fixed_loss, mix_seed, note_validation
@@ -102,6 +102,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.stop_message: str | None = None
         self._guard: UpdateGuard | None = None  # finiteness probe and rollback (trainer/rollback.py)
+        self.vram_estimate: dict | None = None  # trainer/vram.py, made before the first step
         self._late = telemetry.LateSignals()  # the previous step's device-side optimizer signals
         self._completed = None  # (step, record) completed by this step's read, logged again by _after_step
         self._draws: list | None = None  # optimizer_loss=normalized: this step's (per-sample losses, timesteps)
@@ -189,12 +190,13 @@ class Trainer:
                 raise ConfigError("optimizer_loss='normalized' needs per-sample losses of the global batch: not "
                                   "supported with several processes yet; use raw")
             self._draws = []
+        self.store.set_meta(base_dtype=getattr(loaded.model, "base_dtype", "") or None)  # the UNet weights' storage
         build.seed_everything(cfg.seed)
         network = build.make_network(cfg, loaded.model)
         with self.dist.main_first("caching"):  # rank 0 fills the disk caches, the others then read them
             data, eval_batch = self.build_data(rt, loaded, items)
             val_batches = self.build_validation(rt, loaded, data, val_items)
-        loaded.model.unet.to(rt.device)
+        offloader = build.place_unet(cfg, rt, loaded.model.unet)
         params = build.trainable_params(network, rt.device)
         groups = params
         if cfg.train_text_encoder and cfg.text_encoder_lr is not None:
@@ -206,11 +208,13 @@ class Trainer:
                         data=data, eval_batch=eval_batch, optimizer=optimizer,
                         base_lrs=[g["lr"] for g in optimizer.param_groups], takes_loss=takes_loss,
                         takes_max_steps=takes_max_steps, pulse=build.build_pulse(cfg, optimizer),
-                        scaler=build.build_scaler(rt), started_at=started_at, val_batches=tuple(val_batches))
+                        scaler=build.build_scaler(rt), started_at=started_at, val_batches=tuple(val_batches),
+                        offload=offloader)
 
     def _start_or_resume(self) -> None:
         """The saved state (resume) or the step-0 evaluation; then the run's meta and the optional views."""
         cfg, run = self.cfg, self.built
+        self._estimate_vram()
         n = sum(p.numel() for p in run.params)
         self.store.set_meta(signals=build.signal_names(cfg), lora_params=n, prediction_type=run.loaded.prediction_type,
                             lr=cfg.lr, model_hash=getattr(run.model, "model_hash", None))
@@ -228,6 +232,18 @@ class Trainer:
             self._tb = telemetry.open_tensorboard(self.run_dir)
         log.info("training %d LoRA parameters with %s (lr %g) for %d steps; run folder %s", n, cfg.optimizer,
                  cfg.lr, cfg.steps, self.run_dir)
+
+    def _estimate_vram(self) -> None:
+        """The VRAM estimate (trainer/vram.py), logged, with a warning naming what would make it fit, and kept in
+        the run's meta (and as emolora_vram_estimate_mb in the LoRA's metadata)."""
+        with torch.random.fork_rng(devices=[]):  # the throwaway optimizer must not move the run's RNG
+            est = vram.estimate(self.cfg, self.built, self.build_optimizer)
+        line, warning = vram.report(self.cfg, est)
+        log.info(line)
+        if warning:
+            log.warning(warning)
+        self.store.set_meta(vram_estimate=est)
+        self.vram_estimate = est
 
     # ---- the loop ------------------------------------------------------------------------------------------------
     def run(self, until_step: int | None = None) -> TrainResult:
@@ -608,7 +624,10 @@ class Trainer:
         if not self.dist.is_main:
             return {}  # the run store (what the summary reads) is rank 0's
         device = self.built.device if self.built is not None else torch.device("cpu")
-        return telemetry.summary(self.run_dir, self.loop.step, self.loop.skipped, device, optimizer=self.cfg.optimizer)
+        out = telemetry.summary(self.run_dir, self.loop.step, self.loop.skipped, device, optimizer=self.cfg.optimizer)
+        if self.vram_estimate is not None:
+            out["vram_estimate_mb"] = round(self.vram_estimate["total"] / 2**20, 1)
+        return out
 
     def result(self) -> TrainResult:
         return TrainResult(self.lora_path, str(self.run_dir), self.loop.step, self.stop_reason, self.loop.skipped,

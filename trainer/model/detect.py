@@ -28,6 +28,7 @@ class CheckpointInfo:
     path: str
     shapes: dict[str, tuple[int, ...]]
     metadata: dict[str, str] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors dtype names (F16, BF16, F8_E4M3, ...)
 
 
 def read_header(path: str) -> CheckpointInfo:
@@ -40,13 +41,15 @@ def read_header(path: str) -> CheckpointInfo:
 
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
             metadata = dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for truncated/garbage files
         raise ModelError(f"{path}: not a readable safetensors file ({exc})") from exc
     if not shapes:
         raise ModelError(f"{path}: the file contains no tensors")
-    return CheckpointInfo(path, shapes, metadata)
+    return CheckpointInfo(path, shapes, metadata, dtypes)
 
 
 def _count(keys, pattern: str) -> int:

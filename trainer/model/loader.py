@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from . import clip_tokenizers, convert, detect, hashes, tensor_file
+from . import base_weights as BW
+from . import clip_tokenizers, convert, detect, fp8_file, hashes, tensor_file
 from . import sdxl_keys as K
 from .errors import ModelError
 
@@ -40,6 +41,10 @@ class SDXLModel:
     scheduler_config: dict = field(default_factory=lambda: dict(SDXL_SCHEDULER))
     tokenizer_source: tuple[str, str] = ("", "")
     hash_file: str = field(default="", repr=False)  # file hashed for model_hash (the checkpoint, or unet weights)
+    # How the UNet's Linear/Conv weights are held (base_weights.py): "float8_e4m3fn", "bfloat16", ..., and how
+    # many layers are stored in a dtype other than the compute dtype (0: a plain model).
+    base_dtype: str = ""
+    stored_layers: int = 0
     _hashes: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -69,18 +74,22 @@ def load_sdxl(
     vae_dtype: torch.dtype = torch.float32,
     tokenizer_dir=None,
     device="cpu",
+    base_dtype: str = "auto",
 ) -> SDXLModel:
     """Load UNet, both text encoders, VAE and tokenizers; every network is frozen and in eval mode.
 
-    The VAE defaults to fp32 because SDXL's VAE overflows to NaN in fp16.
+    The VAE defaults to fp32 because SDXL's VAE overflows to NaN in fp16. `dtype` is the compute dtype;
+    base_dtype (auto|bf16|fp16|fp32|fp8) the storage of the UNet's Linear/Conv weights: fp8 quantizes them to
+    float8_e4m3fn with a per-tensor scale; auto keeps an fp8 checkpoint's float8 weights (e4m3fn, e5m2, scaled)
+    and is the compute dtype for any other file. A weight stored otherwise is upcast per layer in the forward.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelError(f"checkpoint not found: {path}")
     model = (
-        _load_folder(path, dtype, vae_dtype, tokenizer_dir)
+        _load_folder(path, dtype, vae_dtype, tokenizer_dir, base_dtype)
         if os.path.isdir(path)
-        else _load_file(path, dtype, vae_dtype, tokenizer_dir)
+        else _load_file(path, dtype, vae_dtype, tokenizer_dir, base_dtype)
     )
     for net in (model.unet, model.te1, model.te2, model.vae):
         net.requires_grad_(False)
@@ -89,10 +98,30 @@ def load_sdxl(
     return model
 
 
+STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def storage_dtype(base_dtype: str, compute: torch.dtype, fp8_checkpoint: bool) -> torch.dtype:
+    """The dtype the UNet's Linear/Conv weights are held in for a base_dtype setting."""
+    if base_dtype == "fp8" or (base_dtype == "auto" and fp8_checkpoint):
+        fp8 = BW.fp8_dtype()
+        if fp8 is None:
+            raise ModelError(f"base_dtype fp8 needs a torch with float8 dtypes (torch >= 2.1); this is torch "
+                             f"{torch.__version__}")
+        return fp8
+    if base_dtype == "auto":
+        return compute
+    if base_dtype not in STORAGE:
+        raise ModelError(f"base_dtype must be one of auto, bf16, fp16, fp32, fp8; got {base_dtype!r}")
+    return STORAGE[base_dtype]
+
+
 # ------------------------------------------------------------------ single file
-def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
+def _load_file(path: str, dtype, vae_dtype, tokenizer_dir, base_dtype="auto") -> SDXLModel:
     info = detect.read_header(path)
+    fp8_file.check_dtypes(path, info.dtypes, tensor_file.DTYPES)
     cfg = detect.infer_configs(info)  # rejects non-SDXL files before any tensor is read
+    storage = storage_dtype(base_dtype, dtype, fp8_file.is_fp8_unet(info.shapes, info.dtypes))
     tok_dirs = clip_tokenizers.resolve(path, tokenizer_dir)
     tok1, tok2 = clip_tokenizers.load_pair(*tok_dirs, max_length=cfg.te1["max_position_embeddings"])
     _check_vocab(path, tok1, cfg.te1["vocab_size"], tok2, cfg.te2["vocab_size"])
@@ -102,7 +131,11 @@ def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
 
     # Token ids of the tokenizer actually used: HF pools text_embeds at the first EOS id.
     ids = {"bos_token_id": tok1.bos_token_id, "eos_token_id": tok1.eos_token_id, "pad_token_id": tok1.eos_token_id}
-    sd = _read_tensors(path, dtype, vae_dtype)
+    sd = _read_tensors(path, dtype, vae_dtype, info.dtypes)
+    unet_names = {sgm: name for name, sgm in K.unet_module_map(cfg.layout).items()}  # SGM -> diffusers module
+    kept = fp8_file.resolve_scales(path, sd, lambda key: _stays_fp8(key, storage, unet_names),
+                                   lambda key: vae_dtype if key.startswith(K.VAE_PREFIX) else dtype)
+    file_scales = {unet_names[k[len(K.UNET_PREFIX):].removesuffix(".weight")]: s for k, s in kept.items()}
     for what, left in convert.unplaced(convert.split_components(sd), cfg.layout).items():
         _no_leftovers(path, what, left)
     with torch.device("meta"):  # shapes only: no random init, no second copy; the checkpoint tensors are adopted
@@ -116,6 +149,7 @@ def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
         raise ModelError(f"{path}: the checkpoint does not convert to the inferred SDXL layout ({exc!r})") from exc
     del sd
     unet = _adopt(unet, sds.pop("unet"), dtype, path, "UNet")
+    stored = BW.store_unet(unet, storage, dtype, file_scales) if storage != dtype or file_scales else 0
     te1 = _adopt(te1, sds.pop("te1"), dtype, path, "CLIP-L", te=True)
     te2 = _adopt(te2, sds.pop("te2"), dtype, path, "bigG", te=True)
     vae = _adopt(vae, sds.pop("vae"), vae_dtype, path, "VAE")
@@ -134,14 +168,33 @@ def _load_file(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
         scheduler_config=sched,
         tokenizer_source=tok_dirs,
         hash_file=path,
+        base_dtype=_dtype_name(storage),
+        stored_layers=stored,
     )
 
 
-def _read_tensors(path: str, dtype, vae_dtype) -> dict[str, torch.Tensor]:
-    """The four components' tensors (prefixed keys), in their load dtype, owned and aligned (tensor_file)."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _stays_fp8(key: str, storage: torch.dtype, unet_names: dict[str, str]) -> bool:
+    """A float8 checkpoint tensor keeps its bytes: an fp8 storage, and a storable UNet Linear/Conv weight."""
+    if not BW.is_fp8(storage) or not key.startswith(K.UNET_PREFIX) or not key.endswith(".weight"):
+        return False
+    name = unet_names.get(key[len(K.UNET_PREFIX):].removesuffix(".weight"))
+    return name is not None and not BW.keeps_compute_dtype(name)
+
+
+def _read_tensors(path: str, dtype, vae_dtype, stored: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The four components' tensors (prefixed keys), in their load dtype, owned and aligned (tensor_file).
+    float8 tensors are read as stored: their scales (fp8_file) are applied, or they stay float8."""
     prefixes = (K.UNET_PREFIX, K.TE1_PREFIX, K.TE2_PREFIX)
 
     def dtype_of(key: str):
+        if stored.get(key) in BW.FP8_NAMES:
+            return tensor_file.DTYPES[stored[key]]
+        if key.endswith((fp8_file.SCALE, fp8_file.INPUT_SCALE)):
+            return torch.float32
         return dtype if key.startswith(prefixes) else vae_dtype if key.startswith(K.VAE_PREFIX) else None
 
     try:
@@ -161,7 +214,7 @@ def _adopt(net, sd: dict, dtype, path: str, what: str, te: bool = False):
     """Give a module built on the meta device the checkpoint's tensors (owned, in `dtype`)."""
     if te:
         sd = convert.te_keys_for(sd, net)
-    sd = {k: v if _is_whole(v, dtype) else owned(v, dtype if v.is_floating_point() else v.dtype) for k, v in sd.items()}
+    sd = {k: v if _is_whole(v, _load_dtype(v, dtype)) else owned(v, _load_dtype(v, dtype)) for k, v in sd.items()}
     result = net.load_state_dict(sd, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
@@ -176,6 +229,11 @@ def _adopt(net, sd: dict, dtype, path: str, what: str, te: bool = False):
                 # CLIP's non-persistent position index buffer is not stored in checkpoints.
                 module.register_buffer(name, torch.arange(buf.shape[-1]).expand(buf.shape), persistent=False)
     return net
+
+
+def _load_dtype(v: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """Floats take `dtype`, except float8 weights kept as stored (fp8_file); integers keep theirs."""
+    return dtype if v.is_floating_point() and not BW.is_fp8(v.dtype) else v.dtype
 
 
 def owned(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -210,7 +268,7 @@ def _check_vocab(path: str, tok1, vocab1: int, tok2, vocab2: int) -> None:
 
 
 # ------------------------------------------------------------------ diffusers folder
-def _load_folder(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
+def _load_folder(path: str, dtype, vae_dtype, tokenizer_dir, base_dtype="auto") -> SDXLModel:
     need = ["unet", "text_encoder", "text_encoder_2", "vae"]
     missing = [d for d in need if not os.path.isfile(os.path.join(path, d, "config.json"))]
     if missing:
@@ -249,7 +307,9 @@ def _load_folder(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
         _own_all(net)
         return net
 
+    storage = storage_dtype(base_dtype, dtype, False)
     unet = load(UNet2DConditionModel, "unet", dtype)
+    stored = BW.store_unet(unet, storage, dtype) if storage != dtype else 0
     te1 = load(CLIPTextModel, "text_encoder", dtype)
     te2 = load(CLIPTextModelWithProjection, "text_encoder_2", dtype)
     vae = load(AutoencoderKL, "vae", vae_dtype)
@@ -282,4 +342,6 @@ def _load_folder(path: str, dtype, vae_dtype, tokenizer_dir) -> SDXLModel:
         scheduler_config=sched,
         tokenizer_source=tok_dirs,
         hash_file=os.path.join(path, "unet", weights[0]) if weights else "",
+        base_dtype=_dtype_name(storage),
+        stored_layers=stored,
     )

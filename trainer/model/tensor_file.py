@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-_DTYPES = {
+DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
@@ -57,7 +57,7 @@ def read_tensors(path: str, dtype_of: Callable[[str], torch.dtype | None]) -> di
             target = dtype_of(name)
             if target is None:
                 continue
-            stored = _DTYPES.get(info["dtype"])
+            stored = DTYPES.get(info["dtype"])
             if stored is None:
                 raise ValueError(f"tensor {name} has unsupported dtype {info['dtype']}")
             if not stored.is_floating_point:  # integer tensors keep their type

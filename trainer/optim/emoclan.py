@@ -108,6 +108,13 @@ class EmoClan(EmoOptimizer):
             st["exp_avg_fact"] = self._zeros(p)
             st["exp_avg_sq_fact"] = torch.zeros(p.shape, **f32)
 
+    def build_full_state(self):
+        """Every phase's state for every parameter that has state: the most this optimizer holds (the VRAM
+        estimate counts it, trainer/vram.py)."""
+        for st_p, st in self.state.items():
+            for phase in PHASES:
+                self._phase_state(st_p, st, phase)
+
     def _step(self, loss):
         sigma = emo.scalar_s30(emo.update_ema(self.ema, loss, medium=False))
         self.hist.append(sigma)

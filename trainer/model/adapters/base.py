@@ -18,13 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base_weights import compute_dtype, dense_weight
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the adapter computes in for input x: autocast's when it is on, else x's own."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    return x.dtype
+__all__ = ["Adapter", "compute_dtype", "tucker_weight", "uses_tucker"]
 
 
 def tucker_weight(core: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -67,7 +63,7 @@ class Adapter(nn.Module):
         """Called by subclasses once their factors exist (LoKr's scale depends on which are full)."""
         self.set_alpha(alpha)
         if dora:
-            self.init_dora(base.weight)
+            self.init_dora(dense_weight(base))  # an fp8-stored base: its upcast, scaled weight
 
     # ------------------------------------------------------------------ scale
     @property
@@ -161,7 +157,8 @@ class Adapter(nn.Module):
         # y = (x W^T + x dW^T) * c + b.
         with torch.autocast(x.device.type, enabled=False):  # the norm needs dW in float32
             dw32 = self.delta_weight(torch.float32)
-        c = self._dora_factor(base.weight, dw32.detach()).reshape((1, -1, 1, 1) if self.is_conv else (-1,)).to(dt)
+        c = self._dora_factor(dense_weight(base), dw32.detach())
+        c = c.reshape((1, -1, 1, 1) if self.is_conv else (-1,)).to(dt)
         dw = dw32.to(dt)
         if not self.dora_on_output:
             xc = x * c
