@@ -33,6 +33,8 @@ def _parse_set(items) -> dict:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
+    from .config import CHOICES
+
     p.add_argument("--model", help="SDXL checkpoint: single .safetensors file or diffusers folder")
     p.add_argument("--data", help="image folder (captions in same-name .txt/.caption files; N_name repeat folders)")
     p.add_argument("--output", help="the LoRA to write, FILE.safetensors")
@@ -42,14 +44,17 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, help="training resolution (bucket area = resolution²)")
     p.add_argument("--rank", type=int, help="LoRA rank (network dim)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
-    p.add_argument("--network", choices=["lora", "loha", "lokr"], help="adapter type (default lora; LoCon on convs)")
+    p.add_argument("--network", choices=list(CHOICES["network"]),
+                   help="adapter type (default lora; LoCon on convs; oft = LyCORIS Diag-OFT, boft = butterfly OFT)")
     p.add_argument("--dora", action="store_true", default=None, help="weight-decomposed adapters (DoRA)")
     p.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scale alpha/sqrt(rank)")
     p.add_argument("--lokr-factor", type=int, dest="lokr_factor", help="LoKr factor (default -1: balanced)")
     p.add_argument("--tucker", action="store_true", default=None,
                    help="Tucker cores for the 3x3 conv adapters (LyCORIS use_tucker; needs conv_rank > 0)")
+    p.add_argument("--oft-rescale", action="store_true", default=None, dest="oft_rescale",
+                   help="network boft: train LyCORIS's per-channel rescale too")
     p.add_argument("--network-weights", dest="network_weights", metavar="FILE",
-                   help="continue from a LoRA/LoHa/LoKr file (ours, kohya's or LyCORIS's)")
+                   help="continue from a LoRA/LoHa/LoKr/OFT/BOFT file (ours, kohya's or LyCORIS's)")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--grad-accum", type=int, dest="grad_accum", help="micro-batches per optimizer step")
     p.add_argument("--seed", type=int)
@@ -162,7 +167,8 @@ def cmd_train(args) -> int:
         "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
         "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
         "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
-        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights")}
+        "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights",
+        "oft_rescale")}
     for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
         if flags[k]:
             flags[k] = str(Path(flags[k]).expanduser().resolve())
