@@ -59,11 +59,15 @@ def check_boft_widths(cfg: TrainConfig) -> None:
     """BOFT's rank must split every adapted layer width (read from a single-file checkpoint's header; a diffusers
     folder is checked when the network is built)."""
     from .model.detect import infer_configs, read_header
+    from .model.errors import ModelError
     from .oft_rules import boft_width_error
 
     if not str(cfg.model).lower().endswith(".safetensors"):
         return
-    c = infer_configs(read_header(str(Path(cfg.model).expanduser())))
+    try:
+        c = infer_configs(read_header(str(Path(cfg.model).expanduser())))
+    except ModelError:  # not a readable SDXL checkpoint: the loader says so
+        return
     unet = [w for ch in c.unet["block_out_channels"] for w in (ch, 8 * ch)]  # 8 ch: the GEGLU projection
     te = [c.te1["hidden_size"], c.te1["intermediate_size"], c.te2["hidden_size"], c.te2["intermediate_size"]]
     checks = [(unet + (te if cfg.train_text_encoder else []), cfg.rank, "rank")]

@@ -50,7 +50,9 @@ class OFTAdapter(Adapter):
             b = self.oft_blocks
             q = b - b.transpose(-1, -2)
             eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
-            r = torch.linalg.solve(eye - q, eye + q)  # (I - Q)^-1 (I + Q) = (I + Q)(I - Q)^-1: they commute
+            # (I - Q)^-1 (I + Q) = (I + Q)(I - Q)^-1 (they commute). I - Q is invertible for any real skew Q, so
+            # no singularity check: solve()'s would read the device every call
+            r = torch.linalg.solve_ex(eye - q, eye + q)[0]
             if self.multiplier != 1.0:
                 r = self.multiplier * r + (1.0 - self.multiplier) * eye
         return r
