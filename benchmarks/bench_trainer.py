@@ -42,7 +42,8 @@ def _report(name: str, args, trainer, times, extra: dict) -> dict:
     import torch
 
     out = {"mode": name, "device": str(trainer.device), "precision": trainer.precision,
-           "optimizer": trainer.cfg.optimizer, "network": trainer.cfg.network, "rank": trainer.cfg.rank, "batch_size": trainer.cfg.batch_size,
+           "optimizer": trainer.cfg.optimizer, "network": trainer.cfg.network, "rank": trainer.cfg.rank,
+           "batch_size": trainer.cfg.batch_size,
            "resolution": trainer.cfg.resolution, "gradient_checkpointing": trainer.cfg.gradient_checkpointing,
            "lora_params": sum(p.numel() for p in trainer.params), "steps_timed": len(times),
            "s_per_it_median": median(times), "steps_per_s": 1.0 / median(times), **extra}

@@ -60,10 +60,10 @@ class EmoLoRATrainer(io.ComfyNode):
             node_id=PREFIX + "Trainer",
             display_name="EmoLoRA Trainer (SDXL)",
             category=CATEGORY,
-            description="Train an SDXL LoRA (or LoHa/LoKr) with an Emo optimizer. Frees ComfyUI's loaded models "
-                        "first. Cancel stops gracefully and the LoRA so far is saved. The LoRA goes to the loras "
-                        "folder (kohya/LyCORIS keys), so LoraLoader lists it. Sample previews appear on the node "
-                        "while it trains.",
+            description="Train an SDXL LoRA (or LoHa/LoKr/OFT/BOFT) with an Emo optimizer. Frees ComfyUI's loaded "
+                        "models first. Cancel stops gracefully and the LoRA so far is saved. The LoRA goes to the "
+                        "loras folder (kohya/LyCORIS keys), so LoraLoader lists it. Sample previews appear on the "
+                        "node while it trains.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=checkpoint_names(),
                                tooltip="An SDXL-family checkpoint from models/checkpoints."),
@@ -72,8 +72,9 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Combo.Input("preset", options=[NO_PRESET, *training_presets()], default=NO_PRESET,
                                tooltip=_preset_tooltip()),
                 io.Combo.Input("network", options=list(NETWORKS), default="lora",
-                               tooltip="lora (LoCon with conv_rank > 0), loha (LyCORIS Hadamard) or lokr "
-                                       "(LyCORIS Kronecker)."),
+                               tooltip="lora (LoCon with conv_rank > 0), loha (LyCORIS Hadamard), lokr "
+                                       "(LyCORIS Kronecker), oft (LyCORIS Diag-OFT: rank is its block layout) or "
+                                       "boft (butterfly OFT; on SDXL rank >= 10). OFT/BOFT ignore alpha."),
                 io.Boolean.Input("dora", default=False, tooltip="Weight-decomposed LoRA (DoRA); network lora only."),
                 io.Boolean.Input("rslora", default=False, tooltip="Rank-stabilised scale alpha/sqrt(rank)."),
                 io.Int.Input("rank", default=16, min=1, max=256),
@@ -119,6 +120,9 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("tucker", default=False, optional=True,
                                  tooltip="Tucker cores for the 3x3 conv layers (LyCORIS use_tucker); needs "
                                          "conv_rank > 0, network lora or loha."),
+                # OFT/BOFT (issue 18)
+                io.Boolean.Input("oft_rescale", default=False, optional=True,
+                                 tooltip="network boft: also train LyCORIS's per-channel rescale."),
                 *_gpus_input(),
             ],
             outputs=[
@@ -136,7 +140,7 @@ class EmoLoRATrainer(io.ComfyNode):
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
                 sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
-                compile=False, tucker=False, gpus=1) -> io.NodeOutput:
+                compile=False, tucker=False, oft_rescale=False, gpus=1) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -162,7 +166,8 @@ class EmoLoRATrainer(io.ComfyNode):
                    "sample_size": int(sample_size) or None, "sample_steps": int(sample_steps),
                    "network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": weights,
                    "auto_stop_on": auto_stop_on or "should_stop", "validation_every": int(validation_every or 0),
-                   "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker)}
+                   "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker),
+                   "oft_rescale": bool(oft_rescale)}  # OFT/BOFT (issue 18)
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
         free_comfy_models()
