@@ -274,7 +274,7 @@ def test_refused_settings_are_one_line_before_the_model_loads(tiny, tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
-STEADY = dict(steps=6, grad_accum=2, flip_aug=True, cache_text="off", shuffle_caption=True, caption_dropout=0.2,
+STEADY = dict(steps=4, grad_accum=2, flip_aug=True, cache_text="off", shuffle_caption=True, caption_dropout=0.2,
               noise_offset=0.05, min_snr_gamma=5.0, conv_rank=2)
 
 
@@ -287,15 +287,15 @@ def test_boft_stop_at_k_and_resume_is_bit_identical(tmp_path):
     kw = dict(STEADY, network="boft", rank=6, oft_rescale=True, optimizer="EmoFact", lr=1e-3)
     ref = train(tiny_config(tmp_path / "a", **kw))
 
-    def stop_at_3(info):
-        if info["step"] == 3:
+    def stop_at_2(info):
+        if info["step"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "b", **kw), on_step=stop_at_3)
+        train(tiny_config(tmp_path / "b", **kw), on_step=stop_at_2)
     run_dir = RunReader.list_runs(tmp_path / "b" / "out")[0]["run_dir"]
     resumed = train(resume_config(run_dir))
-    assert resumed.steps_done == 6
+    assert resumed.steps_done == 4
     assert_same_lora(ref.lora_path, resumed.lora_path)
     assert losses(ref.run_dir) == losses(resumed.run_dir)
     with safe_open(ref.lora_path, "pt") as f:
