@@ -271,6 +271,10 @@ def test_refused_settings_are_one_line_before_the_model_loads(tiny, tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
     assert "network boft cannot split a layer of width 32 with conv_rank 1" in err[0] and "conv_rank >= 2" in err[0]
+    code = main(["train", "--model", tiny, "--data", str(data), "--output", str(tmp_path / "x.safetensors"),
+                 "--network", "oft", "--oft-rescale", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "oft_rescale works with network boft only" in err[0], err
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
