@@ -218,6 +218,10 @@ def test_continue_from_a_lycoris_file_gives_lycoris_model(tiny, tmp_path, name):
     assert float((ours - theirs).abs().max() / theirs.abs().max()) < 1e-4
 
 
+def _with_rescale(sd):
+    return {**sd, **{k.replace(".alpha", ".rescale"): torch.ones(1) for k in sd if k.endswith(".alpha")}}
+
+
 def test_refused_files_name_the_key_and_the_fix(tiny, tmp_path):
     _, oft = make(tiny, network="oft", train_te=False)
     sd = oft.kohya_state_dict(torch.float32)
@@ -226,11 +230,16 @@ def test_refused_files_name_the_key_and_the_fix(tiny, tmp_path):
     with pytest.raises(LoRAError, match=r"the state dict: lora_\w+\.alpha: oft_constraint 1.0 is not supported: "
                                          r"ComfyUI 0.3.75 limits"):
         oft.load_weights(constrained)
-    with_rescale = {**sd, **{k.replace(".alpha", ".rescale"): torch.ones(1) for k in sd if k.endswith(".alpha")}}
-    with pytest.raises(LoRAError, match=r"\.rescale: the file has a rescale and the network does not train one: "
-                                         r"set oft_rescale to True"):
+    with_rescale = _with_rescale(sd)
+    with pytest.raises(LoRAError, match=r"\.rescale: oft_rescale works with network boft only: ComfyUI 0.3.75 loads "
+                                         r"an OFT file's rescale but ignores it; such a file cannot be continued"):
         oft.load_weights(with_rescale)
     _, boft = make(tiny, network="boft", rank=6, train_te=False)
+    boft_sd = boft.kohya_state_dict(torch.float32)
+    with_rescale = _with_rescale(boft_sd)
+    with pytest.raises(LoRAError, match=r"\.rescale: the file has a rescale and the network does not train one: "
+                                         r"set oft_rescale to True"):
+        boft.load_weights(with_rescale)
     with pytest.raises(LoRAError, match=r"\.oft_blocks is a oft module but this network trains boft: start with "
                                          r"--network oft"):
         boft.load_weights(sd)

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from ..oft_rules import refusal
 from .errors import LoRAError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,8 @@ def _load_module(network, adapter, name: str, parts: dict, label: str) -> None:
         raise LoRAError(f"{describe(key)}: the file {'uses' if tucker_file else 'does not use'} Tucker cores for "
                         f"3x3 convs and the network {'does not' if tucker_file else 'does'}: set tucker to "
                         f"{bool(tucker_file)} (--tucker)")
+    if "rescale" in have and adapter.kind == "oft":
+        raise LoRAError(f"{describe('rescale')}: {refusal('oft', rescale=True)}; such a file cannot be continued")
     if ("rescale" in have) != ("rescale" in want):
         raise LoRAError(f"{describe('rescale')}: the file {'has' if 'rescale' in have else 'has no'} a rescale and "
                         f"the network {'does not train' if 'rescale' in have else 'trains'} one: set oft_rescale "
