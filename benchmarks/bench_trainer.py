@@ -5,6 +5,7 @@
                                                        # weights), 1024x1024, rank 32, batch 1, bf16,
                                                        # gradient checkpointing, cached latents: s/it, peak VRAM
     python benchmarks/bench_trainer.py --gpu --device cpu --unet tiny   # the GPU code path, smoke-tested anywhere
+    python benchmarks/bench_trainer.py --network boft --rank 10          # another adapter type (default lora)
 
 Both modes time Trainer.train_step(), the loop the nodes and the CLI run (LoRA on kohya's 722 SDXL targets,
 SDPA attention, the optimizer fed the real loss). The GPU mode feeds synthetic cached latents and
@@ -41,7 +42,8 @@ def _report(name: str, args, trainer, times, extra: dict) -> dict:
     import torch
 
     out = {"mode": name, "device": str(trainer.device), "precision": trainer.precision,
-           "optimizer": trainer.cfg.optimizer, "rank": trainer.cfg.rank, "batch_size": trainer.cfg.batch_size,
+           "optimizer": trainer.cfg.optimizer, "network": trainer.cfg.network, "rank": trainer.cfg.rank,
+           "batch_size": trainer.cfg.batch_size,
            "resolution": trainer.cfg.resolution, "gradient_checkpointing": trainer.cfg.gradient_checkpointing,
            "lora_params": sum(p.numel() for p in trainer.params), "steps_timed": len(times),
            "s_per_it_median": median(times), "steps_per_s": 1.0 / median(times), **extra}
@@ -75,7 +77,7 @@ def bench_tiny(args) -> dict:
     cfg = TrainConfig(model=tiny_model_path(), data=str(data), output=str(work / "out" / "bench.safetensors"),
                       resolution=args.resolution or 64, bucket_step=32, rank=args.rank or 8,
                       batch_size=args.batch_size, optimizer=args.optimizer, lr=1e-3, steps=10_000,
-                      device=args.device or "cpu", mixed_precision="no",
+                      device=args.device or "cpu", mixed_precision="no", network=args.network,
                       gradient_checkpointing=not args.no_checkpointing).validate()
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
@@ -95,7 +97,7 @@ def bench_sdxl(args) -> dict:
     cfg = synthetic_config(resolution=args.resolution or (1024 if args.unet == "sdxl" else 128),
                            rank=args.rank or 32, batch_size=args.batch_size, optimizer=args.optimizer, lr=1e-4,
                            device=device, mixed_precision="bf16" if device.startswith("cuda") else "no",
-                           gradient_checkpointing=not args.no_checkpointing)
+                           gradient_checkpointing=not args.no_checkpointing, network=args.network)
     trainer = random_unet_trainer(unet_config)(cfg)
     trainer.setup()
     try:
@@ -118,6 +120,7 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--optimizer", default="EmoNavi")
+    p.add_argument("--network", default="lora", help="adapter type: lora, loha, lokr, oft, boft")
     p.add_argument("--no-checkpointing", action="store_true")
     p.add_argument("--threads", type=int, help="torch CPU threads (tiny mode)")
     p.add_argument("--json", action="store_true")

@@ -61,10 +61,10 @@ class EmoLoRATrainer(io.ComfyNode):
             node_id=PREFIX + "Trainer",
             display_name="EmoLoRA Trainer (SDXL)",
             category=CATEGORY,
-            description="Train an SDXL LoRA (or LoHa/LoKr) with an Emo optimizer. Frees ComfyUI's loaded models "
-                        "first. Cancel stops gracefully and the LoRA so far is saved. The LoRA goes to the loras "
-                        "folder (kohya/LyCORIS keys), so LoraLoader lists it. Sample previews appear on the node "
-                        "while it trains.",
+            description="Train an SDXL LoRA (or LoHa/LoKr/OFT/BOFT) with an Emo optimizer. Frees ComfyUI's loaded "
+                        "models first. Cancel stops gracefully and the LoRA so far is saved. The LoRA goes to the "
+                        "loras folder (kohya/LyCORIS keys), so LoraLoader lists it. Sample previews appear on the "
+                        "node while it trains.",
             inputs=[
                 io.Combo.Input("ckpt_name", options=checkpoint_names(),
                                tooltip="An SDXL-family checkpoint from models/checkpoints."),
@@ -73,8 +73,9 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Combo.Input("preset", options=[NO_PRESET, *training_presets()], default=NO_PRESET,
                                tooltip=_preset_tooltip()),
                 io.Combo.Input("network", options=list(NETWORKS), default="lora",
-                               tooltip="lora (LoCon with conv_rank > 0), loha (LyCORIS Hadamard) or lokr "
-                                       "(LyCORIS Kronecker)."),
+                               tooltip="lora (LoCon with conv_rank > 0), loha (LyCORIS Hadamard), lokr "
+                                       "(LyCORIS Kronecker), oft (LyCORIS Diag-OFT: rank is its block layout) or "
+                                       "boft (butterfly OFT; on SDXL rank >= 10). OFT/BOFT ignore alpha."),
                 io.Boolean.Input("dora", default=False, tooltip="Weight-decomposed LoRA (DoRA); network lora only."),
                 io.Boolean.Input("rslora", default=False, tooltip="Rank-stabilised scale alpha/sqrt(rank)."),
                 io.Int.Input("rank", default=16, min=1, max=256),
@@ -125,6 +126,9 @@ class EmoLoRATrainer(io.ComfyNode):
                                tooltip="Stream the UNet's down/mid/up blocks from host memory to the GPU as they "
                                        "run: blocks = all 7, blocks:N = the N largest. Less VRAM, slower steps; "
                                        "saves nothing on the CPU."),
+                # OFT/BOFT (issue 18)
+                io.Boolean.Input("oft_rescale", default=False, optional=True,
+                                 tooltip="network boft: also train LyCORIS's per-channel rescale."),
                 *_gpus_input(),
             ],
             outputs=[
@@ -142,7 +146,7 @@ class EmoLoRATrainer(io.ComfyNode):
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
                 sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
-                compile=False, tucker=False, offload="none", gpus=1) -> io.NodeOutput:
+                compile=False, tucker=False, offload="none", oft_rescale=False, gpus=1) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -170,6 +174,7 @@ class EmoLoRATrainer(io.ComfyNode):
                    "auto_stop_on": auto_stop_on or "should_stop", "validation_every": int(validation_every or 0),
                    "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker),
                    "offload": offload or "none"}
+                   "oft_rescale": bool(oft_rescale)}  # OFT/BOFT (issue 18)
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
         free_comfy_models()

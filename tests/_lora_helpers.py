@@ -18,6 +18,11 @@ CONFIGS = {
     # LyCORIS's use_tucker: cores on the 3x3 convs (lora_mid, hada_t1/t2)
     "lora-tucker": dict(network="lora", tucker=True),
     "loha-tucker": dict(network="loha", tucker=True),
+    # LyCORIS's Diag-OFT and BOFT (rank = LyCORIS's dim; BOFT needs an even block size <= rank leaving a power-of-two
+    # block count on every width: 6 splits the tiny model's 32/48/64/96/256/512)
+    "oft": dict(network="oft"),
+    "boft": dict(network="boft", rank=6),
+    "boft-rescale": dict(network="boft", rank=6, oft_rescale=True),
 }
 NET = dict(rank=4, alpha=3.0, conv_rank=2, conv_alpha=1.5, train_te=True)
 
@@ -37,13 +42,14 @@ def unet_out(model, seed=0):
 
 
 def randomize(network, std=0.2, seed=1):
-    """Every factor random (so every factor matters); DoRA magnitudes jittered around the base norms."""
+    """Every factor random (so every factor matters); DoRA magnitudes and OFT rescales jittered around their
+    starting values (the base norms, ones)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name in sorted(network.loras):
             adapter = network.loras[name]
-            for p in adapter.factors():
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+            for suffix, p in adapter.named_factors():
+                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if suffix == "rescale" else 0.0))
             if adapter.dora_scale is not None:
                 d = adapter.dora_scale
                 d.mul_(1 + 0.2 * torch.randn(d.shape, generator=g))

@@ -54,7 +54,7 @@ def test_comfyui_applies_every_adapter_type_as_we_train_it(comfy_env, tmp_path):
     trained, files = {}, {}
     for name, kw in CONFIGS.items():
         model = load_sdxl(tiny)
-        net = LoRANetwork(model, **NET, **kw)
+        net = LoRANetwork(model, **{**NET, **kw})
         randomize(net)
         files[name] = save_lora(tmp_path / f"{name}.safetensors", net, {}, dtype=torch.float32)
         trained[name] = (model, net)
@@ -69,7 +69,7 @@ def test_comfyui_applies_every_adapter_type_as_we_train_it(comfy_env, tmp_path):
         assert report["patched"] == len(net.loras), name
         # the same base model with ComfyUI's patched weights in place of every adapted layer
         other = load_sdxl(tiny)
-        view = LoRANetwork(other, **NET, **CONFIGS[name], multiplier=0.0)  # wrappers pass straight to the base
+        view = LoRANetwork(other, **{**NET, **CONFIGS[name]}, multiplier=0.0)  # wrappers pass straight to the base
         bases = base_modules(view)
         with torch.no_grad():
             for module, base in bases.items():

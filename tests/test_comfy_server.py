@@ -137,8 +137,9 @@ def test_object_info_lists_every_node(object_info):
     assert req["preset"][1]["options"] == ["none", "4gb", "6gb", "8gb", "character", "concept", "low-vram",
                                                "style"]
     assert "min_snr_gamma=5.0" in req["preset"][1]["tooltip"]  # the values each preset sets
-    assert req["network"][1]["options"] == ["lora", "loha", "lokr"]
+    assert req["network"][1]["options"] == ["lora", "loha", "lokr", "oft", "boft"]
     assert tr["input"]["optional"]["offload"][1]["options"][:3] == ["none", "blocks", "blocks:1"]
+    assert tr["input"]["optional"]["oft_rescale"][0] == "BOOLEAN"
     assert req["network_weights"][1]["options"][0] == "none"
     assert tr["output"] == ["STRING", "IMAGE", "STRING", "IMAGE"]
     assert tr["output_name"] == ["lora_name", "telemetry", "run_dir", "samples"]

@@ -41,6 +41,8 @@ def scan_and_place(cfg: TrainConfig):
         path = getattr(cfg, name)
         if path and not Path(path).expanduser().exists():
             raise ConfigError(f"{name} not found: {path}")
+    if cfg.network == "boft":
+        check_boft_widths(cfg)
     items, report = scan_dataset(cfg.data, caption_extensions=cfg.caption_extensions,
                                  default_repeats=cfg.default_repeats, mask=cfg.mask)
     items, val_items = hold_out_validation(cfg, items, report)
@@ -57,6 +59,30 @@ def scan_and_place(cfg: TrainConfig):
 
         cfg = cfg.replace(lr=OPTIMIZER_INFO[cfg.optimizer].recommended_lr)
     return cfg, items, val_items, report, runtime
+
+
+def check_boft_widths(cfg: TrainConfig) -> None:
+    """BOFT's rank must split every adapted layer width (read from a single-file checkpoint's header; a diffusers
+    folder is checked when the network is built)."""
+    from .model.detect import infer_configs, read_header
+    from .model.errors import ModelError
+    from .oft_rules import boft_width_error
+
+    if not str(cfg.model).lower().endswith(".safetensors"):
+        return
+    try:
+        c = infer_configs(read_header(str(Path(cfg.model).expanduser())))
+    except ModelError:  # not a readable SDXL checkpoint: the loader says so
+        return
+    unet = [w for ch in c.unet["block_out_channels"] for w in (ch, 8 * ch)]  # 8 ch: the GEGLU projection
+    te = [c.te1["hidden_size"], c.te1["intermediate_size"], c.te2["hidden_size"], c.te2["intermediate_size"]]
+    checks = [(unet + (te if cfg.train_text_encoder else []), cfg.rank, "rank")]
+    if cfg.conv_rank:
+        checks.append((c.unet["block_out_channels"], cfg.conv_rank, "conv_rank"))
+    for widths, dim, what in checks:
+        why = boft_width_error(widths, dim, what)
+        if why:
+            raise ConfigError(f"{cfg.model}: {why}")
 
 
 def hold_out_validation(cfg: TrainConfig, items, report) -> tuple[list, list]:
@@ -211,7 +237,7 @@ def make_network(cfg: TrainConfig, model):
                             conv_rank=cfg.conv_rank, conv_alpha=cfg.conv_alpha, train_te=cfg.train_text_encoder,
                             network=cfg.network, dora=cfg.dora, rslora=cfg.rslora, lokr_factor=cfg.lokr_factor,
                             lokr_full_matrix=cfg.lokr_full_matrix, lokr_decompose_both=cfg.lokr_decompose_both,
-                            tucker=cfg.tucker)
+                            tucker=cfg.tucker, oft_rescale=cfg.oft_rescale, oft_constraint=cfg.oft_constraint)
     if cfg.network_weights:  # continue an existing file (a resume then restores the saved state over it)
         M.load_network_weights(network, cfg.network_weights)
     return network

@@ -35,6 +35,8 @@ def _parse_set(items) -> dict:
 def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     """The train command's options; sweep=True leaves out those the sweep has its own of (output, optimizer,
     resume, run name, optimizer loss)."""
+    from .config import CHOICES
+
     p.add_argument("--model", help="SDXL checkpoint: single .safetensors file or diffusers folder")
     p.add_argument("--data", help="image folder (captions in same-name .txt/.caption files; N_name repeat folders)")
     if not sweep:
@@ -49,14 +51,17 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--resolution", type=int, help="training resolution (bucket area = resolution²)")
     p.add_argument("--rank", type=int, help="LoRA rank (network dim)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: rank)")
-    p.add_argument("--network", choices=["lora", "loha", "lokr"], help="adapter type (default lora; LoCon on convs)")
+    p.add_argument("--network", choices=list(CHOICES["network"]),
+                   help="adapter type (default lora; LoCon on convs; oft = LyCORIS Diag-OFT, boft = butterfly OFT)")
     p.add_argument("--dora", action="store_true", default=None, help="weight-decomposed adapters (DoRA)")
     p.add_argument("--rslora", action="store_true", default=None, help="rank-stabilised scale alpha/sqrt(rank)")
     p.add_argument("--lokr-factor", type=int, dest="lokr_factor", help="LoKr factor (default -1: balanced)")
     p.add_argument("--tucker", action="store_true", default=None,
                    help="Tucker cores for the 3x3 conv adapters (LyCORIS use_tucker; needs conv_rank > 0)")
+    p.add_argument("--oft-rescale", action="store_true", default=None, dest="oft_rescale",
+                   help="network boft: train LyCORIS's per-channel rescale too")
     p.add_argument("--network-weights", dest="network_weights", metavar="FILE",
-                   help="continue from a LoRA/LoHa/LoKr file (ours, kohya's or LyCORIS's)")
+                   help="continue from a LoRA/LoHa/LoKr/OFT/BOFT file (ours, kohya's or LyCORIS's)")
     p.add_argument("--batch-size", type=int, dest="batch_size")
     p.add_argument("--grad-accum", type=int, dest="grad_accum", help="micro-batches per optimizer step")
     p.add_argument("--seed", type=int)
@@ -187,7 +192,8 @@ FLAG_KEYS = ("model", "data", "output", "optimizer", "lr", "steps", "resolution"
              "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "base_dtype", "device",
              "save_every", "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split",
              "validation_data", "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker",
-             "network_weights", "optimizer_loss", "max_consecutive_bad_steps", "compile", "offload")
+             "network_weights", "optimizer_loss", "max_consecutive_bad_steps", "compile", "offload",
+             "oft_rescale")
 
 
 def _overrides(args, skip=()) -> dict:

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .oft_rules import refusal
+
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 # Mirrors trainer.optim's registry (checked by a test) so that a bad name fails before torch is imported.
@@ -26,7 +28,7 @@ PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", 
                "network_weights")
 
 CHOICES = {
-    "network": ("lora", "loha", "lokr"),
+    "network": ("lora", "loha", "lokr", "oft", "boft"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "base_dtype": ("auto", "bf16", "fp16", "fp32", "fp8"),
     "device": None,  # free-form: auto, cpu, cuda, cuda:1, mps
@@ -65,14 +67,16 @@ class TrainConfig:
     network_dropout: float = 0.0
     conv_rank: int = 0  # > 0 adds LoCon 3x3 conv LoRA
     conv_alpha: float = 1.0
-    network: str = "lora"  # adapter type: lora (LoCon on convs), loha, lokr (LyCORIS layouts)
+    network: str = "lora"  # adapter type: lora (LoCon on convs), loha, lokr, oft (Diag-OFT), boft (LyCORIS layouts)
     dora: bool = False  # weight-decomposed adapters (DoRA); files carry dora_scale
     rslora: bool = False  # rank-stabilised scale alpha / sqrt(rank) (files store alpha * sqrt(rank))
     lokr_factor: int = -1  # LoKr's LyCORIS factor: -1 splits each dimension as evenly as it divides
     lokr_full_matrix: bool = False  # LoKr: w2 a full matrix instead of a rank-r pair
     lokr_decompose_both: bool = False  # LoKr: w1 a rank-r pair too (where that is smaller)
     tucker: bool = False  # LyCORIS's use_tucker: a Tucker core for 3x3 conv factors (conv_rank > 0; lora, loha)
-    network_weights: str | None = None  # a LoRA/LoHa/LoKr file to continue from (ours, kohya's, LyCORIS's)
+    oft_rescale: bool = False  # BOFT: LyCORIS's `rescaled`, a trained per-channel factor (not Diag-OFT: oft_rules.py)
+    oft_constraint: float = 0.0  # OFT/BOFT: LyCORIS's constraint; only 0 is applied alike by ComfyUI and LyCORIS
+    network_weights: str | None = None  # a LoRA/LoHa/LoKr/OFT/BOFT file to continue from (ours, kohya's, LyCORIS's)
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None  # None: lr (only with train_text_encoder)
     # ---- optimizer and schedule
@@ -221,6 +225,10 @@ class TrainConfig:
             raise ConfigError("tucker needs conv_rank > 0: its cores belong to the 3x3 conv adapters")
         if self.tucker and self.network == "lokr":
             raise ConfigError("tucker works with network lora or loha: ComfyUI cannot apply LoKr's Tucker cores")
+        why = refusal(self.network, dora=self.dora, rslora=self.rslora, tucker=self.tucker,
+                      dropout=self.network_dropout, rescale=self.oft_rescale, constraint=self.oft_constraint)
+        if why:
+            raise ConfigError(why)
         for name in ("lr", "alpha", "text_encoder_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")

@@ -10,12 +10,13 @@ API (used by the training loop):
     encode_prompts(model, captions, *, device=None) -> (prompt_embeds [B,77,ctx], pooled [B,pool])
     encode_latents(model, images, *, generator=None, sample=True) -> latents * scaling_factor (fp32)
     LoRANetwork(model, rank=16, alpha=16.0, dropout=0.0, conv_rank=0, conv_alpha=1.0, train_te=False,
-                te_rank=None, *, te_alpha=None, multiplier=1.0, network="lora"|"loha"|"lokr", dora=False,
-                rslora=False, lokr_factor=-1, lokr_full_matrix=False, lokr_decompose_both=False, tucker=False)
+                te_rank=None, *, te_alpha=None, multiplier=1.0, network="lora"|"loha"|"lokr"|"oft"|"boft",
+                dora=False, rslora=False, lokr_factor=-1, lokr_full_matrix=False, lokr_decompose_both=False,
+                tucker=False, oft_rescale=False, oft_constraint=0.0)
         .trainable_parameters() .param_groups(unet_lr, te_lr=None) .kohya_state_dict(dtype=fp16)
         .load_weights(path_or_state_dict, *, strict=True) -> {"loaded", "missing", "unknown", "steps_before"}
         .set_multiplier(m) .remove() .to(device); .loras: kohya name -> adapter (adapters/)
-    load_network_weights(network, path_or_state_dict, *, strict=True): continue from a LoRA/LoHa/LoKr/DoRA file
+    load_network_weights(network, path_or_state_dict, *, strict=True): continue from a LoRA/LoHa/LoKr/DoRA/OFT file
     save_lora(path, network, metadata, dtype=fp16): atomic write, adds sshs_model_hash / sshs_legacy_hash
     kohya_metadata(*, network, model, output_name, steps, epoch, learning_rate, ..., extra=None, **ss)
         -> dict[str, str]; any extra keyword k becomes ss_k, `extra` passes through (emolora_* keys)

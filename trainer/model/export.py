@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..atomic import atomic_write_bytes
+from ..oft_rules import LYCORIS_ALGO
 from . import hashes
 from .errors import NonFiniteLoRAError
 
@@ -137,6 +138,11 @@ def network_module_and_args(network) -> tuple[str, dict]:
     if kind == "lora" and not getattr(network, "dora", False) and not getattr(network, "rslora", False) \
             and not tucker:
         return "networks.lora", args
+    if kind in LYCORIS_ALGO:  # LyCORIS's network_args for Diag-OFT / BOFT: constraint 0, rescaled when trained
+        args = {"algo": LYCORIS_ALGO[kind], **args, "constraint": "0"}
+        if getattr(network, "oft_rescale", False):
+            args["rescaled"] = "True"
+        return "lycoris.kohya", args
     args = {"algo": kind, **args}
     if network.dora:
         args.update(dora_wd="True", wd_on_output="False")  # input-axis magnitudes: see adapters/base.py

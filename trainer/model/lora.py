@@ -1,4 +1,4 @@
-"""LoRA-family networks (LoRA/LoCon with DoRA or rsLoRA, LoHa, LoKr) injected into the diffusers SDXL UNet
+"""LoRA-family networks (LoRA/LoCon with DoRA or rsLoRA, LoHa, LoKr) and OFT/BOFT injected into the diffusers SDXL UNet
 (and optionally both CLIPs).
 
 Targets follow kohya's networks.lora for SDXL: every Linear / 1x1 Conv inside Transformer2DModel
@@ -21,6 +21,7 @@ import logging
 import torch
 from torch import nn
 
+from ..oft_rules import refusal
 from . import sdxl_keys as K
 from .adapters import ADAPTERS, NETWORK_TYPES, LoRAAdapter
 from .convert import canonical_te_name
@@ -72,7 +73,9 @@ class LoRANetwork(nn.Module):
     network: "lora" (LoCon on convs), "loha" or "lokr"; dora: weight-decomposed (DoRA) adapters; rslora: scale
     alpha / sqrt(rank) instead of alpha / rank; lokr_factor / lokr_full_matrix / lokr_decompose_both: LyCORIS's
     factor (-1: as balanced as the dimension allows), full_matrix and decompose_both for LoKr; tucker: LyCORIS's
-    use_tucker, a Tucker core for the k x k conv factors (lora_mid, hada_t1/t2; not LoKr: see lora_file.py).
+    use_tucker, a Tucker core for the k x k conv factors (lora_mid, hada_t1/t2; not LoKr: see lora_file.py);
+    network "oft" / "boft": LyCORIS's Diag-OFT / butterfly OFT with rank as LyCORIS's dim (block layout), alpha
+    unused; oft_rescale: BOFT's trained per-channel rescale; oft_constraint: must be 0 (see oft_rules.py).
     """
 
     def __init__(
@@ -95,6 +98,8 @@ class LoRANetwork(nn.Module):
         lokr_full_matrix: bool = False,
         lokr_decompose_both: bool = False,
         tucker: bool = False,
+        oft_rescale: bool = False,
+        oft_constraint: float = 0.0,
     ):
         super().__init__()
         if rank < 1:
@@ -105,6 +110,11 @@ class LoRANetwork(nn.Module):
             raise LoRAError(f"lokr_factor must be -1 or >= 1, got {lokr_factor}")
         if tucker and network == "lokr":
             raise LoRAError("tucker works with network lora or loha: ComfyUI cannot apply LoKr's Tucker cores")
+        why = refusal(network, dora=dora, rslora=rslora, tucker=tucker, dropout=dropout, rescale=oft_rescale,
+                      constraint=oft_constraint)
+        if why:
+            raise LoRAError(why)
+        self.oft_rescale = bool(oft_rescale)
         self.network_type, self.dora, self.rslora, self.tucker = network, bool(dora), bool(rslora), bool(tucker)
         self.lokr_options = dict(lokr_factor=int(lokr_factor), lokr_full_matrix=bool(lokr_full_matrix),
                                  lokr_decompose_both=bool(lokr_decompose_both))
@@ -127,9 +137,13 @@ class LoRANetwork(nn.Module):
         if self.train_te:
             for index, te in ((1, model.te1), (2, model.te2)):
                 targets += self._te_targets(index, te)
-        opts = dict(dropout=dropout, rslora=self.rslora, dora=self.dora, tucker=self.tucker, **self.lokr_options)
+        opts = dict(dropout=dropout, rslora=self.rslora, dora=self.dora, tucker=self.tucker, **self.lokr_options,
+                    oft_rescale=self.oft_rescale)
         for name, parent, child_name, base, r, a in targets:
-            lora = ADAPTERS[network](name, base, r, a, **opts)
+            try:
+                lora = ADAPTERS[network](name, base, r, a, **opts)
+            except ValueError as e:  # a layer the adapter type cannot take (BOFT's widths, grouped convs)
+                raise LoRAError(str(e)) from None
             self.loras[name] = lora
             wrapper = LoRAWrapper(base, lora)
             setattr(parent, child_name, wrapper)

@@ -1,5 +1,5 @@
 """Continue training from an existing LoRA-family file: ours, kohya's (networks.lora), LyCORIS's (LoCon, LoHa,
-LoKr, DoRA) or ComfyUI's trainer's (`diffusion_model.<module>.lora_up.weight`).
+LoKr, DoRA, Diag-OFT, BOFT) or ComfyUI's trainer's (`diffusion_model.<module>.lora_up.weight`).
 
 Keys are matched to the network's modules by the original SDXL names (diffusers-spelled kohya names too); the
 file's alpha is adopted with the loaders' meaning (scale = alpha / rank), so the continued network applies exactly
@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from ..oft_rules import refusal
 from .errors import LoRAError
 
 log = logging.getLogger(__name__)
@@ -21,14 +22,15 @@ log = logging.getLogger(__name__)
 KIND_OF = {"lora_up.weight": "lora", "lora_down.weight": "lora", "hada_w1_a": "loha", "hada_w1_b": "loha",
            "hada_w2_a": "loha", "hada_w2_b": "loha", "lokr_w1": "lokr", "lokr_w1_a": "lokr", "lokr_w1_b": "lokr",
            "lokr_w2": "lokr", "lokr_w2_a": "lokr", "lokr_w2_b": "lokr",
-           "lora_mid.weight": "lora", "hada_t1": "loha", "hada_t2": "loha"}
+           "lora_mid.weight": "lora", "hada_t1": "loha", "hada_t2": "loha",
+           "oft_blocks": "oft", "rescale": "oft"}  # BOFT's oft_blocks have 4 dimensions (LyCORIS's algo_check)
 TUCKER = ("lora_mid.weight", "hada_t1", "hada_t2")  # LyCORIS's use_tucker cores (3x3 convs)
 COMMON = ("alpha", "dora_scale")
 # LoKr's Tucker cores: ComfyUI 0.3.75 fails to apply lokr_t2 (its torch.kron gets a non-contiguous einsum result;
 # seen with torch 2.13 on the tiny SDXL), so we neither train nor continue them; no loader reads lokr_t1.
 UNSUPPORTED = ("lokr_t1", "lokr_t2")
 SUFFIXES = sorted((*KIND_OF, *COMMON, *UNSUPPORTED), key=len, reverse=True)
-FLAG = {"lora": "--network lora", "loha": "--network loha", "lokr": "--network lokr"}
+FLAG = {kind: f"--network {kind}" for kind in ("lora", "loha", "lokr", "oft", "boft")}
 
 
 def read_file(source) -> tuple[dict, dict, str]:
@@ -76,7 +78,7 @@ def load_network_weights(network, source, *, strict: bool = True) -> dict:
     for key, value in sd.items():
         parts = split_key(key)
         if parts is None:
-            raise LoRAError(f"{label}: key {key!r} is not a LoRA, LoHa, LoKr or DoRA tensor")
+            raise LoRAError(f"{label}: key {key!r} is not a LoRA, LoHa, LoKr, DoRA or OFT tensor")
         module, suffix = parts
         grouped.setdefault(network.alias(module), {})[suffix] = value
     unknown = sorted(n for n in grouped if n not in network.loras)
@@ -113,6 +115,8 @@ def _load_module(network, adapter, name: str, parts: dict, label: str) -> None:
     if len(kinds) != 1:
         raise LoRAError(f"{describe(sorted(parts)[0])}: the module holds {sorted(parts)}, not one LoRA/LoHa/LoKr")
     kind = kinds.pop()
+    if kind == "oft" and "oft_blocks" in parts and parts["oft_blocks"].dim() == 4:
+        kind = "boft"
     if kind != adapter.kind:
         raise LoRAError(f"{describe(next(s for s in parts if s in KIND_OF))} is a {kind} module but this network "
                         f"trains {adapter.kind}: start with {FLAG[kind]}")
@@ -128,6 +132,12 @@ def _load_module(network, adapter, name: str, parts: dict, label: str) -> None:
         raise LoRAError(f"{describe(key)}: the file {'uses' if tucker_file else 'does not use'} Tucker cores for "
                         f"3x3 convs and the network {'does not' if tucker_file else 'does'}: set tucker to "
                         f"{bool(tucker_file)} (--tucker)")
+    if "rescale" in have and adapter.kind == "oft":
+        raise LoRAError(f"{describe('rescale')}: {refusal('oft', rescale=True)}; such a file cannot be continued")
+    if ("rescale" in have) != ("rescale" in want):
+        raise LoRAError(f"{describe('rescale')}: the file {'has' if 'rescale' in have else 'has no'} a rescale and "
+                        f"the network {'does not train' if 'rescale' in have else 'trains'} one: set oft_rescale "
+                        f"to {'rescale' in have} (--oft-rescale; network boft only)")
     if have != want:
         raise LoRAError(f"{describe(sorted(have ^ want)[0])}: the file's {kind} factors {sorted(have)} differ from "
                         f"this network's {sorted(want)} (lokr_factor, lokr_full_matrix, lokr_decompose_both or "
