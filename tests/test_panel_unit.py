@@ -138,15 +138,15 @@ def test_run_data_reads_incrementally_and_survives_a_resume(tmp_path):
     store.close()
 
 
-def test_status_eta_memory_rise_and_dead_runs(tmp_path):
+def test_status_eta_memory_rise_and_killed_runs(tmp_path):
     fake_run(tmp_path, "r", steps=20, status="running", rise_at=12)
     rd = data.RunData(tmp_path / "r").refresh()
     rd.meta["steps_total"] = 120  # 100 steps to go at 5 steps/s
     s = rd.status()
     assert s["eta_s"] == pytest.approx(20.0) and s["mem_mb"] == 400.0 and s["should_stop_rises"] == [(12, "mark")]
     fake_run(tmp_path, "dead", status="running", pid=2**22 + 12345)
-    assert data.RunData(tmp_path / "dead").refresh().status()["status"] == "dead"
-    assert {r["name"]: r["status"] for r in data.list_runs(tmp_path)}["dead"] == "dead"
+    assert data.RunData(tmp_path / "dead").refresh().status()["status"] == "interrupted"
+    assert {r["name"]: r["status"] for r in data.list_runs(tmp_path)}["dead"] == "interrupted"
 
 
 # ---- path safety ------------------------------------------------------------------------------------------------

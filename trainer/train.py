@@ -346,7 +346,7 @@ class Trainer:
         else:
             embeds, pooled = to_device(batch.prompt_embeds, dev), to_device(batch.pooled, dev)
         loss = diffusion_loss(cfg, self.built, latents, noise, t, embeds, pooled, to_device(batch.time_ids, dev),
-                              snr_weighting=True, mask=batch.mask)
+                              snr_weighting=True, mask=batch.mask, weights=batch.weights)
         # A shard's share of the global batch mean: the ranks' shares sum (all-reduce) to that mean.
         return loss if rows == b else loss * (b / rows)
 
