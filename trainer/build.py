@@ -93,7 +93,7 @@ def add_regularization(cfg: TrainConfig, items, report) -> list:
     note = (f"regularization: {reg_report.summary()}; {n_train} reg samples per epoch (as many as the training "
             f"samples), loss weight {cfg.prior_loss_weight:g}")
     if unused:
-        note += f"; {unused} reg images not used (more than the training samples need)"
+        note += f"; {unused} reg image(s) not used (more than the training samples need)"
     report.add(root, "note", note)
     return used
 
