@@ -169,3 +169,20 @@ def test_training_with_reg_images_records_them_and_resumes_bit_identically(tmp_p
     assert resumed.steps_done == 5
     a, b = lora_tensors(ref.lora_path), lora_tensors(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_dataset_node_takes_a_reg_folder_and_refuses_a_missing_one(tmp_path):
+    from test_comfy_nodes import _tiny_dataset, sub
+
+    ds, common = sub("nodes.dataset_spec"), sub("nodes._common")
+    data = _tiny_dataset(tmp_path / "d", n=2)
+    reg = reg_folder(tmp_path / "reg", {"3_person": 2})
+    spec = ds.build_dataset(str(data), 64, True, 64, 1, False, reg_folder=str(reg), prior_loss_weight=0.4)
+    assert spec.reg_images == 2
+    assert spec.overrides()["reg_data"] == str(reg) and spec.overrides()["prior_loss_weight"] == 0.4
+    assert f"regularization: 2 images in {reg}, loss weight 0.4" in ds.describe(spec)
+    plain = ds.build_dataset(str(data), 64, True, 64, 1, False)
+    assert "reg_data" not in plain.overrides() and "regularization" not in ds.describe(plain)
+    with pytest.raises(common.EmoLoRAError, match=f"^EmoLoRA Dataset: reg_folder: regularization folder not "
+                                                  f"found: {tmp_path / 'none'}"):
+        ds.build_dataset(str(data), 64, True, 64, 1, False, reg_folder=str(tmp_path / "none"))
