@@ -307,10 +307,16 @@ def _pid_alive(pid: int, started: float | None = None) -> bool:
     if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there; ask the kernel instead
         import ctypes
 
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        k32 = ctypes.windll.kernel32
+        handle = k32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
         if not handle:
             return False
-        ctypes.windll.kernel32.CloseHandle(handle)
+        try:  # an exited process stays openable while anyone holds a handle to it: ask for its exit code
+            code = ctypes.c_ulong()
+            if k32.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value != 259:  # STILL_ACTIVE
+                return False
+        finally:
+            k32.CloseHandle(handle)
     else:
         try:
             os.kill(pid, 0)
