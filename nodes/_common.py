@@ -117,6 +117,7 @@ class DatasetSpec:
     skipped: tuple = ()
     settings: tuple = field(default=())
     validation_images: int = 0  # held out of training (validation_split) or in the validation folder
+    reg_images: int = 0  # regularization images found in the reg folder
 
     def overrides(self) -> dict:
         return {"data": self.folder, **{k: json.loads(v) for k, v in self.settings}}

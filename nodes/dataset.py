@@ -43,6 +43,12 @@ class EmoLoRADataset(io.ComfyNode):
                 io.String.Input("validation_folder", default="", optional=True,
                                 tooltip="A folder of validation images instead of a split (absolute, or relative "
                                         "to ComfyUI's input folder)."),
+                io.String.Input("reg_folder", default="", optional=True,
+                                tooltip="Regularization (class) images, kohya's layout (N_class folders; absolute, "
+                                        "or relative to ComfyUI's input folder): each epoch trains as many of them "
+                                        "as training samples. Empty = none."),
+                io.Float.Input("prior_loss_weight", default=1.0, min=0.0, max=10.0, step=0.05, optional=True,
+                               tooltip="The loss weight of a regularization image (kohya's prior_loss_weight)."),
             ],
             outputs=[DatasetType.Output("dataset", display_name="dataset"),
                      io.Int.Output("image_count", display_name="image_count")],
@@ -50,9 +56,11 @@ class EmoLoRADataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, resolution, enable_buckets, bucket_step, default_repeats, flip_aug, images=None,
-                captions="", mask="off", validation_split=0.0, validation_folder="") -> io.NodeOutput:
+                captions="", mask="off", validation_split=0.0, validation_folder="", reg_folder="",
+                prior_loss_weight=1.0) -> io.NodeOutput:
         spec = build_dataset(folder, resolution, enable_buckets, bucket_step, default_repeats, flip_aug,
                              images=images, captions=captions or "", mask=mask or "off",
                              validation_split=float(validation_split or 0.0),
-                             validation_folder=validation_folder or "")
+                             validation_folder=validation_folder or "", reg_folder=reg_folder or "",
+                             prior_loss_weight=1.0 if prior_loss_weight is None else float(prior_loss_weight))
         return io.NodeOutput(spec, spec.images, ui=ui.PreviewText(describe(spec)))

@@ -37,9 +37,11 @@ def images_to_folder(images, captions: str, root: str) -> str:
 
 def build_dataset(folder: str, resolution: int, enable_buckets: bool, bucket_step: int, default_repeats: int,
                   flip_aug: bool, images=None, captions: str = "", images_root: str | None = None, mask: str = "off",
-                  validation_split: float = 0.0, validation_folder: str = "") -> DatasetSpec:
+                  validation_split: float = 0.0, validation_folder: str = "", reg_folder: str = "",
+                  prior_loss_weight: float = 1.0) -> DatasetSpec:
     """mask: masked loss ("file": <stem>_mask.png beside each image, "alpha": the image's alpha channel);
-    validation_split / validation_folder: images held out for the validation loss (a share, or a folder)."""
+    validation_split / validation_folder: images held out for the validation loss (a share, or a folder);
+    reg_folder / prior_loss_weight: regularization images (kohya's reg_data_dir) and their loss weight."""
     from ..trainer.config import ConfigError, TrainConfig
     from ..trainer.data import DatasetError, scan_dataset, split_validation
 
@@ -59,6 +61,8 @@ def build_dataset(folder: str, resolution: int, enable_buckets: bool, bucket_ste
                 "mask": mask, "validation_split": float(validation_split)}
     if validation_folder and validation_folder.strip():
         settings["validation_data"] = str(resolve_input_path(validation_folder))
+    if reg_folder and reg_folder.strip():
+        settings.update(reg_data=str(resolve_input_path(reg_folder)), prior_loss_weight=float(prior_loss_weight))
     try:
         TrainConfig(**settings).validate(require_paths=False)
         items, report = scan_dataset(path, default_repeats=int(default_repeats), mask=mask)
@@ -66,11 +70,17 @@ def build_dataset(folder: str, resolution: int, enable_buckets: bool, bucket_ste
             held = len(scan_dataset(settings["validation_data"], mask=mask)[0])
         else:
             held = len(split_validation(items, settings["validation_split"], 0)[1])  # the count, whatever the seed
+        reg = 0
+        if settings.get("reg_data"):  # a missing or empty reg folder fails here, before the Trainer runs
+            try:
+                reg = len(scan_dataset(settings["reg_data"], mask=mask)[0])
+            except DatasetError as e:
+                raise DatasetError(f"reg_folder: {e}".replace("data folder", "regularization folder")) from None
     except (ConfigError, DatasetError) as e:
         raise fail("Dataset", e) from None
     skipped = tuple(f"{line.path}: {line.reason}" for line in report.lines if line.action == "skipped")
     return DatasetSpec(folder=str(path), images=len(items), samples_per_epoch=report.samples_per_epoch,
-                       skipped=skipped, settings=freeze_settings(settings), validation_images=held)
+                       skipped=skipped, settings=freeze_settings(settings), validation_images=held, reg_images=reg)
 
 
 def describe(spec: DatasetSpec) -> str:
@@ -80,6 +90,9 @@ def describe(spec: DatasetSpec) -> str:
         text += f"\nvalidation: {spec.validation_images} images in {settings['validation_data']}"
     elif spec.validation_images:
         text += f"\nvalidation: {spec.validation_images} of these held out of training"
+    if settings.get("reg_data"):
+        text += (f"\nregularization: {spec.reg_images} images in {settings['reg_data']}, loss weight "
+                 f"{settings.get('prior_loss_weight', 1.0):g}")
     if settings.get("mask", "off") != "off":
         text += f"\nmasked loss: {'<name>_mask.png files' if settings['mask'] == 'file' else 'alpha channel'}"
     if spec.skipped:

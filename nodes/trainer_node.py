@@ -22,16 +22,34 @@ from .optimizer import OptimizerType
 from .previews import PREVIEW_MAX, to_image_batch
 from .training import (
     NETWORKS,
+    NO_RESUME,
     PRECISIONS,
     comfy_device,
     free_comfy_models,
     preset_status,
+    resume_choices,
+    resume_run_dir,
     run_training,
 )
 
 NO_PRESET = "none"
 NO_LORA = "none"
 OFFLOAD_CHOICES = ("none", "blocks", *(f"blocks:{n}" for n in range(1, 7)))  # SDXL's UNet has 7 blocks
+
+
+def _work_dir() -> str:
+    """<ComfyUI output>/emolora: the runs and caches of the node's runs."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), "emolora")
+
+
+def _resume_options() -> list[str]:
+    try:
+        runs = os.path.join(_work_dir(), "runs")
+    except Exception:  # outside ComfyUI (unit tests)
+        return [NO_RESUME]
+    return [NO_RESUME, *resume_choices(runs)]
 
 
 def _preset_tooltip() -> str:
@@ -130,6 +148,12 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("oft_rescale", default=False, optional=True,
                                  tooltip="network boft: also train LyCORIS's per-channel rescale."),
                 *_gpus_input(),
+                # ---- resume (issue 18): continue an unfinished run of this node's output folder
+                io.Combo.Input("resume", options=_resume_options(), default=NO_RESUME, optional=True,
+                               tooltip="Continue a stopped, cancelled or interrupted run exactly where its last "
+                                       "state was saved (step, optimizer state, data order), into its own LoRA "
+                                       "file. Settings that decide the result must match the run's; steps, "
+                                       "saves, samples and stop rules may change. Refresh (R) to list new runs."),
             ],
             outputs=[
                 io.String.Output("lora_name", display_name="lora_name"),
@@ -146,7 +170,8 @@ class EmoLoRATrainer(io.ComfyNode):
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
                 sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
-                compile=False, tucker=False, offload="none", oft_rescale=False, gpus=1) -> io.NodeOutput:
+                compile=False, tucker=False, offload="none", oft_rescale=False, gpus=1,
+                resume=NO_RESUME) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -161,7 +186,8 @@ class EmoLoRATrainer(io.ComfyNode):
         except FileNotFoundError as e:
             raise EmoLoRAError(f"EmoLoRA Trainer: not found: {e}") from None
         lora_dir = folder_paths.get_folder_paths("loras")[0]
-        work = os.path.join(folder_paths.get_output_directory(), "emolora")
+        work = _work_dir()
+        resume_dir = resume_run_dir(os.path.join(work, "runs"), resume)
         prompts = [line.strip() for line in (sample_prompts or "").splitlines() if line.strip()]
         options = {"rank": int(rank), "alpha": float(alpha) if alpha > 0 else None, "conv_rank": int(conv_rank),
                    "conv_alpha": float(conv_alpha), "train_text_encoder": bool(train_text_encoder),
@@ -187,7 +213,7 @@ class EmoLoRATrainer(io.ComfyNode):
         out = run_training(checkpoint=checkpoint, dataset=dataset, optimizer=optimizer, lora_dir=lora_dir,
                            runs_dir=os.path.join(work, "runs"), cache_dir=os.path.join(work, "cache"),
                            output_name=output_name, node_id=node_id, device=comfy_device(), progress=progress,
-                           preset=None if preset == NO_PRESET else preset, gpus=int(gpus or 1),
+                           preset=None if preset == NO_PRESET else preset, gpus=int(gpus or 1), resume=resume_dir,
                            check_cancel=comfy.model_management.throw_exception_if_processing_interrupted, **options)
         cfg = out["config"]
         samples = to_image_batch(out["samples"], fallback_size=cfg.sample_size or 64)

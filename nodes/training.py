@@ -65,6 +65,34 @@ def event_payload(rec: dict, node_id, optimizer: str) -> dict:
 
 
 NETWORKS = CHOICES["network"]
+NO_RESUME = "none"
+# A run trained from the node saves its resumable state this often (unless a preset or the node asks for another
+# interval), so a run killed with ComfyUI can continue from the last one.
+STATE_EVERY = 100
+
+
+def resume_choices(runs_dir: str) -> list[str]:
+    """The resume combo's entries: "<run> (step S/T, optimizer, stopped|cancelled|interrupted)" for every run
+    under `runs_dir` that can continue (trainer.runstore.unfinished_runs), newest first."""
+    from ..trainer.runstore import unfinished_runs
+
+    try:
+        runs = unfinished_runs(runs_dir)
+    except Exception as e:  # a broken run folder must not take the node's definition down
+        log.warning("EmoLoRA: cannot list the runs in %s: %r", runs_dir, e)
+        return []
+    return [f"{r['name']} (step {r['step']}/{r['steps_total'] or '?'}, {r['optimizer']}, {r['how']})" for r in runs]
+
+
+def resume_run_dir(runs_dir: str, choice: str | None) -> str | None:
+    """The run folder a resume entry names (its text up to " ("), None for none; a run that is gone is an error."""
+    if not choice or choice == NO_RESUME:
+        return None
+    name = choice.split(" (", 1)[0].strip()
+    run_dir = os.path.join(runs_dir, name)
+    if not name or os.sep in name or "/" in name or not os.path.isfile(os.path.join(run_dir, "config.json")):
+        raise EmoLoRAError(f"EmoLoRA Trainer: resume: no run {name!r} in {runs_dir}")
+    return run_dir
 
 
 def preset_status(preset: str | None, config) -> str:
@@ -131,19 +159,36 @@ def _train_in_child(config, gpus: int, on_step, check_cancel, stop_types: list):
     return result
 
 
+def _resume_config(run_dir: str, run_config: dict, asked):
+    """The config that continues `run_dir`: the run's, with this call's RESUME_MAY_CHANGE options and device. A
+    setting that fixes the numbers and differs from the run's is an error naming each (never silently replaced)."""
+    from ..trainer.config import RESUME_MAY_CHANGE, resume_config, resume_conflicts
+
+    conflicts = resume_conflicts(run_config, asked)
+    if conflicts:
+        raise EmoLoRAError(f"EmoLoRA Trainer: cannot resume {os.path.basename(run_dir)} with other settings: "
+                           f"{'; '.join(conflicts)}. Set them back, or choose resume 'none' to start a new run.")
+    keep = {k: getattr(asked, k) for k in RESUME_MAY_CHANGE}
+    return resume_config(run_dir, **keep, device=asked.device)
+
+
 def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerSpec, lora_dir: str, runs_dir: str,
                  cache_dir: str, output_name: str, node_id=None, progress=None, check_cancel=None,
-                 device: str = "auto", preset: str | None = None, gpus: int = 1, **options) -> dict:
+                 device: str = "auto", preset: str | None = None, gpus: int = 1, resume: str | None = None,
+                 **options) -> dict:
     """Build the TrainConfig (the training `preset`, then the optimizer's presets, then the node's values: the
     CLI's merge order) and train. progress(step, total, preview=None) may raise to stop (the LoRA is saved
     first); at a sample step `preview` is the set's strip image. check_cancel() may raise during the set-up
     (model load, caching), before there is a LoRA to save. gpus > 1: the CLI under torchrun in a child process,
     followed through its run store (trainer/launch.py); Cancel stops it through the control file.
+    resume: a run folder to continue (as the CLI's --resume: its state, its LoRA file); the options that fix the
+    numbers must equal the run's (a difference is an error naming each), the others (steps, saves, samples,
+    stop rules: trainer.config.RESUME_MAY_CHANGE) are this call's.
     Returns {lora_path, lora_name, run_dir, steps_done, stop_reason, samples, config, message (why it stopped,
     when that needs words: diverged), validation (the validation loss in words, or "")}."""
     import torch
 
-    from ..trainer.config import build_config
+    from ..trainer.config import build_config, load_run_config
     from ..trainer.telemetry import validation_line
     from ..trainer.train import train
 
@@ -152,11 +197,20 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     if not isinstance(dataset, DatasetSpec):
         raise EmoLoRAError("EmoLoRA Trainer: 'dataset' must come from an EmoLoRA Dataset node")
     errors = expected_errors()
-    output = unique_lora_path(lora_dir, safe_output_name(output_name))
+    try:
+        run_config = load_run_config(resume) if resume else None
+    except errors as e:
+        raise fail("Trainer", e) from None
+    output = run_config["output"] if resume else unique_lora_path(lora_dir, safe_output_name(output_name))
     overrides = {**optimizer.overrides(), **dataset.overrides(), **options, "model": checkpoint, "output": output,
                  "runs_dir": runs_dir, "cache_dir": cache_dir, "device": device}
+    presets = [*([preset] if preset else []), *optimizer.presets]
     try:
-        config = build_config(presets=[*([preset] if preset else []), *optimizer.presets], overrides=overrides)
+        config = build_config(presets=presets, overrides=overrides)
+        if not config.save_state_every and not config.save_every:
+            config = config.replace(save_state_every=STATE_EVERY)
+        if resume:
+            config = _resume_config(resume, run_config, config)
     except errors as e:
         raise fail("Trainer", e) from None
     throttle = Throttle(EVENT_INTERVAL_S)

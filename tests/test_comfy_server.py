@@ -190,9 +190,15 @@ def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
     assert "e2e_00001.safetensors" in options
 
 
-def test_interrupt_saves_a_loha_the_stock_loader_loads(comfy, dataset_dir):
+def test_interrupt_saves_a_loha_that_resumes_and_the_stock_loader_loads(comfy, dataset_dir):
     """A LoHa (LyCORIS layout, Tucker cores on its 3x3 convs) trained through the server, cancelled after its first
-    step: the file is saved and the stock LoraLoader uses every key of it."""
+    step: the file is saved. The Trainer's resume input then lists the run (step, optimizer, cancelled); a changed
+    setting that decides the result is refused with one message; queued with the entry (and one more step), the
+    run continues from its saved step into its own file, which the stock LoraLoader uses with every key."""
+    import re
+
+    from trainer.runstore import RunReader
+
     sent = []
 
     def on_event(run, ev):
@@ -219,6 +225,31 @@ def test_interrupt_saves_a_loha_the_stock_loader_loads(comfy, dataset_dir):
     assert '"use_tucker": "True"' in meta["ss_network_args"] and any(k.endswith(".hada_t1") for k in keys)
     assert int(meta.get("ss_steps", "1")) < 200
     assert [t for t in run.of_type("emolora.telemetry") if t.get("status") == "interrupted"]
+    # resume it from the node (one step more than it has: the whole run would be 200)
+    spec = comfy.get_json("/object_info/EmoLoRA_Trainer")["EmoLoRA_Trainer"]["input"]["optional"]["resume"]
+    options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+    entries = [o for o in options if o.startswith("cancelled_00001-")]
+    assert len(entries) == 1 and options[0] == "none", options
+    m = re.fullmatch(r"(\S+) \(step (\d+)/200, EmoSens, cancelled\)", entries[0])
+    assert m, entries[0]
+    name, cut = m.group(1), int(m.group(2))
+    assert cut >= 1 and int(meta["ss_steps"]) == cut
+    inputs = prompt["3"]["inputs"]
+    refused = comfy.run_prompt({**prompt, "3": {**prompt["3"], "inputs": {**inputs, "rank": 8,
+                                                                           "resume": entries[0]}}}, timeout=600)
+    assert refused.outcome == "execution_error"
+    err = refused.of_type("execution_error")[0]["exception_message"]
+    assert err.startswith(f"EmoLoRA Trainer: cannot resume {name} with other settings: rank: 8 here, 4 in the run")
+    resumed = comfy.run_prompt({**prompt, "3": {**prompt["3"], "inputs": {**inputs, "steps": cut + 1,
+                                                                          "resume": entries[0]}}}, timeout=1500)
+    assert resumed.outcome == "execution_success", (resumed.of_type("execution_error"), comfy.log_tail())
+    assert [p["value"] for p in resumed.of_type("progress") if str(p.get("node")) == "3"][-1] == cut + 1
+    assert f"cancelled_00001.safetensors: {cut + 1} steps (finished)" in resumed.history()["outputs"]["3"]["text"][0]
+    with safe_open(str(lora), "pt") as f:
+        assert f.metadata()["ss_steps"] == str(cut + 1) and set(f.keys()) == set(keys)
+    assert not (comfy.loras_dir / "cancelled_00002.safetensors").exists()
+    reader = RunReader(comfy.comfy / "output" / "emolora" / "runs" / name)
+    assert [e["step"] for e in reader.events(kind="resume")] == [cut] and reader.meta()["status"] == "finished"
     mark = len(comfy.log_text())
     run2 = comfy.run_prompt(stock_lora_prompt("cancelled_00001.safetensors"), timeout=900)
     assert run2.outcome == "execution_success", (run2.of_type("execution_error"), comfy.log_tail())

@@ -138,15 +138,15 @@ def test_run_data_reads_incrementally_and_survives_a_resume(tmp_path):
     store.close()
 
 
-def test_status_eta_memory_rise_and_dead_runs(tmp_path):
+def test_status_eta_memory_rise_and_killed_runs(tmp_path):
     fake_run(tmp_path, "r", steps=20, status="running", rise_at=12)
     rd = data.RunData(tmp_path / "r").refresh()
     rd.meta["steps_total"] = 120  # 100 steps to go at 5 steps/s
     s = rd.status()
     assert s["eta_s"] == pytest.approx(20.0) and s["mem_mb"] == 400.0 and s["should_stop_rises"] == [(12, "mark")]
     fake_run(tmp_path, "dead", status="running", pid=2**22 + 12345)
-    assert data.RunData(tmp_path / "dead").refresh().status()["status"] == "dead"
-    assert {r["name"]: r["status"] for r in data.list_runs(tmp_path)}["dead"] == "dead"
+    assert data.RunData(tmp_path / "dead").refresh().status()["status"] == "interrupted"
+    assert {r["name"]: r["status"] for r in data.list_runs(tmp_path)}["dead"] == "interrupted"
 
 
 # ---- path safety ------------------------------------------------------------------------------------------------
@@ -499,3 +499,34 @@ def test_more_signals_default_arrives_with_the_first_records(tmp_path):
     out = app.tick("new", "", True, _out(app, out, "more_sel")["value"], out[-1])
     assert _out(app, out, "more_sel")["value"] == ["stop_base", "noise_est", "steps_per_s"]
     store.close()
+
+
+def test_resume_button_continues_a_stopped_run_through_the_cli(tmp_path, monkeypatch):
+    """Resume is active on a run that can continue (stopped, cancelled or killed, with a saved state) and starts
+    `python -m trainer train --resume RUN_DIR`, a command the trainer's own parser reads as that resume."""
+    from emolora.web.panel.app import PanelApp
+
+    from trainer.cli import build_parser
+
+    runs = tmp_path / "runs"
+    fake_run(runs, "done", status="finished")
+    store = fake_run(runs, "paused", status="stopped", steps=20)
+    store.set_meta(stop_reason="stopped", steps_total=50)
+    (runs / "paused" / "state").mkdir()
+    (runs / "paused" / "state" / "state.pt").write_bytes(b"x")
+    store.event(20, "state", {})
+    started = []
+    monkeypatch.setattr(launcher, "start", lambda root, cmd, name: started.append((cmd, name)))
+    app = PanelApp(tmp_path)
+    out = app.pick("paused", "", False, [], {})[1:]
+    assert _out(app, out, "resume_btn")["interactive"] is True and _out(app, out, "stop_btn")["interactive"] is False
+    out = app.pick("done", "", False, [], out[-1])[1:]
+    assert _out(app, out, "resume_btn")["interactive"] is False
+    assert "cannot be resumed" in app.resume_run("done")[0] and not started
+    message, follow = app.resume_run("paused")
+    assert "resuming `paused` from step 20 of 50" in message and follow["value"] is True
+    (cmd, name), = started
+    assert name == "paused" and cmd[1:3] == ["-m", "trainer"]
+    args = build_parser().parse_args(cmd[3:])
+    assert args.command == "train" and Path(args.resume) == (runs / "paused").resolve()
+    assert app.resume_run("../outside")[0].startswith("⚠")

@@ -11,7 +11,8 @@ Module map (what each module owns):
 - telemetry.py: step records, memory, progress bar, TensorBoard, the run summary; samples.py: preview images.
 - devices.py: the run's device and precision; placement.py: which device and mode the model's modules are in;
   diffusion.py: noise schedule and losses.
-- runstore.py: the run folder's telemetry store (sqlite) and control file, shared with the panel and ComfyUI.
+- runstore.py: the run folder's telemetry store (sqlite) and control file, shared with the panel and ComfyUI;
+  whether a run's process is alive (pid and start time) and which runs can resume.
 - atomic.py: the one atomic file writer.
 - distributed.py: several processes in lockstep (torchrun/accelerate): process group, batch shards, the step's
   gradient+loss all-reduce, rank-0-only writes, shared control, lockstep checksum; launch.py: the torchrun command.

@@ -18,12 +18,12 @@ import torch
 
 from .atomic import atomic_write_text
 from .config import ConfigError, TrainConfig
-from .data import FeatureCache, TrainingData, scan_dataset, split_validation
+from .data import DatasetError, FeatureCache, TrainingData, balance_regularization, scan_dataset, split_validation
 from .devices import pick_device, pick_precision
 from .diffusion import NoiseSchedule
 from .parts import Hooks, LoadedModel, Runtime
 from .placement import offload_cached_encoders, onload
-from .runstore import ControlPoller, RunReader, RunStore
+from .runstore import ControlPoller, RunReader, RunStore, process_started
 from .state import STATE_FILE
 from .telemetry import progress_bar
 
@@ -46,6 +46,7 @@ def scan_and_place(cfg: TrainConfig):
     items, report = scan_dataset(cfg.data, caption_extensions=cfg.caption_extensions,
                                  default_repeats=cfg.default_repeats, mask=cfg.mask)
     items, val_items = hold_out_validation(cfg, items, report)
+    items = items + add_regularization(cfg, items, report)
     device = pick_device(cfg.device)
     runtime = Runtime(device, pick_precision(cfg.mixed_precision, device))
     if cfg.base_dtype == "fp8":
@@ -100,6 +101,33 @@ def hold_out_validation(cfg: TrainConfig, items, report) -> tuple[list, list]:
         names = ", ".join(it.image.name for it in val_items)
         report.add(Path(report.root), "note", f"validation split: {len(val_items)} images held out ({names})")
     return items, val_items
+
+
+def add_regularization(cfg: TrainConfig, items, report) -> list:
+    """The regularization images (cfg.reg_data, kohya's layout and repeats), balanced to as many samples per
+    epoch as the training items have (data.balance_regularization), marked is_reg; [] without a reg folder. A
+    missing or empty folder fails here, before the model loads. They join after the validation hold-out, so
+    validation never draws from them."""
+    if not cfg.reg_data:
+        return []
+    try:
+        reg_items, reg_report = scan_dataset(cfg.reg_data, caption_extensions=cfg.caption_extensions,
+                                             default_repeats=1, mask=cfg.mask)
+    except DatasetError as e:
+        raise DatasetError(f"reg_data: {e}".replace("data folder", "regularization folder")) from None
+    n_train = sum(it.repeats for it in items)
+    used, unused = balance_regularization(reg_items, n_train)
+    root = Path(cfg.reg_data).expanduser()
+    report.reg = {"dirs": {(root / k).name if k == "." else k: {"n_repeats": r, "img_count": n}
+                           for k, (r, n) in reg_report.folders.items()},
+                  "samples": reg_report.samples_per_epoch}
+    report.lines.extend(reg_report.lines)
+    note = (f"regularization: {reg_report.summary()}; {n_train} reg samples per epoch (as many as the training "
+            f"samples), loss weight {cfg.prior_loss_weight:g}")
+    if unused:
+        note += f"; {unused} reg image(s) not used (more than the training samples need)"
+    report.add(root, "note", note)
+    return used
 
 
 def build_validation(cfg: TrainConfig, rt: Runtime, loaded: LoadedModel, data, val_items) -> list:
@@ -199,9 +227,10 @@ def open_run(cfg: TrainConfig, rt: Runtime, report) -> tuple[RunStore, ControlPo
         reader.close()
     store.write_config({**cfg.to_dict(), "resume": None})
     atomic_write_text(run_dir / "dataset.txt", report.text())
+    # pid, its start time and host: a reader tells a live run from one whose process died (runstore.meta_alive)
     store.set_meta(status="running", run_name=run_dir.name, optimizer=cfg.optimizer, pid=os.getpid(),
-                   host=socket.gethostname(), steps_total=cfg.steps, output=str(cfg.output),
-                   device=str(rt.device), precision=rt.precision, error=None,
+                   pid_started=process_started(os.getpid()), host=socket.gethostname(), steps_total=cfg.steps,
+                   output=str(cfg.output), device=str(rt.device), precision=rt.precision, error=None,
                    **{"resumed_at" if cfg.resume else "started_at": time.time()})
     store.event(0, "dataset", {"summary": report.summary(), "lines": [str(x) for x in report.lines]})
     return store, ControlPoller(run_dir, cfg.auto_stop), started_at

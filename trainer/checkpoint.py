@@ -66,11 +66,22 @@ def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason, summary: di
         shuffle_caption=cfg.shuffle_caption, flip_aug=cfg.flip_aug, random_crop=cfg.random_crop,
         caption_dropout_rate=cfg.caption_dropout, caption_tag_dropout_rate=cfg.tag_dropout,
         dataset_dirs={k: {"n_repeats": r, "img_count": n} for k, (r, n) in report.folders.items()},
-        training_comment=cfg.comment or None,
+        training_comment=cfg.comment or None, **reg_metadata(cfg, report),
         extra={"emolora_optimizer": cfg.optimizer, "emolora_auto_stop": cfg.auto_stop,
                "emolora_stop_reason": stop_reason, "emolora_skipped_steps": loop.skipped,
                **{f"emolora_{k}": v for k, v in summary.items() if k not in ("steps", "skipped_steps")}},
     )
+
+
+def reg_metadata(cfg, report) -> dict:
+    """kohya's keys for regularization images (only when the run has them): ss_reg_dataset_dirs (per folder: its
+    repeats and images), ss_num_reg_images (images x folder repeats, before the balance) and
+    ss_prior_loss_weight."""
+    reg = getattr(report, "reg", None)
+    if not reg:
+        return {}
+    return {"reg_dataset_dirs": reg["dirs"], "num_reg_images": reg["samples"],
+            "prior_loss_weight": cfg.prior_loss_weight}
 
 
 def tag_frequency(items, separator: str) -> dict:

@@ -89,6 +89,11 @@ def _add_train_options(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     p.add_argument("--validation-every", type=int, dest="validation_every", help="steps between validation losses")
     p.add_argument("--mask", choices=["off", "file", "alpha"],
                    help="masked loss: <stem>_mask.png beside each image (file) or the image's alpha channel")
+    p.add_argument("--reg-data", dest="reg_data", metavar="DIR",
+                   help="regularization (class) images, kohya's layout (N_class folders): as many samples per epoch "
+                        "as the training images")
+    p.add_argument("--prior-loss-weight", type=float, dest="prior_loss_weight",
+                   help="the loss weight of a regularization sample (default 1.0)")
     p.add_argument("--max-bad-steps", type=int, dest="max_consecutive_bad_steps",
                    help="updates in a row that make the LoRA non-finite (rolled back) before stopping (default 3)")
     p.add_argument("--compile", action="store_const", const=True, default=None,
@@ -193,13 +198,13 @@ FLAG_KEYS = ("model", "data", "output", "optimizer", "lr", "steps", "resolution"
              "save_every", "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split",
              "validation_data", "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker",
              "network_weights", "optimizer_loss", "max_consecutive_bad_steps", "compile", "offload",
-             "oft_rescale")
+             "oft_rescale", "reg_data", "prior_loss_weight")
 
 
 def _overrides(args, skip=()) -> dict:
     """The config options given on the command line (flags and --set), paths made absolute."""
     flags = {k: getattr(args, k, None) for k in FLAG_KEYS if k not in skip}
-    for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
+    for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights", "reg_data"):
         if flags.get(k):
             flags[k] = str(Path(flags[k]).expanduser().resolve())
     return {**_parse_set(args.set), **{k: v for k, v in flags.items() if v is not None}}

@@ -25,7 +25,7 @@ OPTIMIZER_NAMES = (
     "EmoVoid", "RefAdamWminiScheduleFree", "AutoTrustGO", "AdamW",
 )
 PATH_FIELDS = ("model", "data", "output", "tokenizer", "runs_dir", "cache_dir", "resume", "validation_data",
-               "network_weights")
+               "network_weights", "reg_data")
 
 CHOICES = {
     "network": ("lora", "loha", "lokr", "oft", "boft"),
@@ -164,6 +164,9 @@ class TrainConfig:
     auto_stop_on: str = "should_stop"
     val_patience: int = 5
     mask: str = "off"  # masked loss: "file" (<stem>_mask.png beside the image) or "alpha" (its alpha channel)
+    # ---- regularization (class) images, as kohya's reg_data_dir: each epoch as many reg samples as training ones
+    reg_data: str | None = None  # a folder in kohya's layout (N_class folders); None: none
+    prior_loss_weight: float = 1.0  # the weight of a reg sample's loss (kohya's prior_loss_weight)
     comment: str = ""
 
     # ------------------------------------------------------------------------------------------------------
@@ -232,6 +235,8 @@ class TrainConfig:
         for name in ("lr", "alpha", "text_encoder_lr"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.prior_loss_weight >= 0:
+            raise ConfigError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
         if self.huber_c <= 0:
             raise ConfigError(f"huber_c must be > 0, got {self.huber_c}")
         for name in ("network_dropout", "caption_dropout", "tag_dropout"):
@@ -467,6 +472,31 @@ def load_run_config(run_dir) -> dict:
         raise ConfigError(f"not a run folder (no config.json): {run_dir}")
     data = _read_json(path)
     return {k: v for k, v in data.items() if k in _FIELDS}
+
+
+# What a resumed run may change: how long it trains, what it saves, shows and stops on, where it runs. Everything
+# else decides the numbers (model, data, network, optimizer, seed, batch) and stays the run's.
+RESUME_MAY_CHANGE = ("steps", "save_every", "save_state_every", "sample_every", "sample_prompts", "sample_negative",
+                     "sample_steps", "sample_cfg", "sample_seed", "sample_size", "auto_stop", "auto_stop_on",
+                     "val_patience", "validation_every", "tensorboard", "compile", "gradient_checkpointing",
+                     "comment")
+_RESUME_HOST = ("output", "runs_dir", "cache_dir", "device", "run_name", "resume", "tokenizer")  # the run's own
+
+
+def resume_conflicts(run_config: dict, asked: TrainConfig) -> list[str]:
+    """The options `asked` sets differently from the run it would resume, as "name: V here, W in the run".
+    An unset (None) value is no conflict: the run's value stands for it."""
+    run = _from_dict(run_config, "the run's config.json")
+    out = []
+    for name in _FIELDS:
+        if name in RESUME_MAY_CHANGE or name in _RESUME_HOST:
+            continue
+        mine, theirs = getattr(asked, name), getattr(run, name)
+        if mine is None:
+            continue
+        if json.dumps(mine, sort_keys=True, default=str) != json.dumps(theirs, sort_keys=True, default=str):
+            out.append(f"{name}: {mine!r} here, {theirs!r} in the run")
+    return out
 
 
 def resume_config(run_dir, **overrides) -> TrainConfig:

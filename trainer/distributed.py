@@ -301,7 +301,7 @@ def shard(batch, dist: Dist, per_rank: int):
 
     return replace(batch, indices=batch.indices[lo:hi], captions=batch.captions[lo:hi], latents=rows(batch.latents),
                    time_ids=rows(batch.time_ids), prompt_embeds=rows(batch.prompt_embeds), pooled=rows(batch.pooled),
-                   offset=lo, global_rows=n)
+                   mask=rows(batch.mask), weights=rows(batch.weights), offset=lo, global_rows=n)
 
 
 class NullStore:

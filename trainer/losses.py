@@ -26,8 +26,10 @@ def autocast(run: RunSetup):
 
 
 def diffusion_loss(cfg: TrainConfig, run: RunSetup, latents, noise, t, embeds, pooled, time_ids, *,
-                   snr_weighting: bool, mask: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
-    """The mean loss of the UNet's prediction at timesteps t (0-dim, graph attached); reduce=False: per sample."""
+                   snr_weighting: bool, mask: torch.Tensor | None = None,
+                   weights: torch.Tensor | None = None, reduce: bool = True) -> torch.Tensor:
+    """The mean loss of the UNet's prediction at timesteps t (0-dim, graph attached); reduce=False: per sample.
+    weights (B,): each sample's loss factor (prior_loss_weight on regularization images), applied before the mean."""
     loaded = run.loaded
     schedule, prediction_type = loaded.schedule, loaded.prediction_type
     noisy = schedule.add_noise(latents, noise, t)
@@ -41,6 +43,8 @@ def diffusion_loss(cfg: TrainConfig, run: RunSetup, latents, noise, t, embeds, p
     loss = per_sample_loss(pred, target, cfg.loss_type, cfg.huber_c, mask)
     if snr_weighting and cfg.min_snr_gamma > 0:
         loss = loss * schedule.min_snr_weight(t, cfg.min_snr_gamma, prediction_type)
+    if weights is not None:
+        loss = loss * weights.to(loss.device, loss.dtype)
     return loss.mean() if reduce else loss
 
 

@@ -187,13 +187,12 @@ class RunReader:
 
     def is_alive(self) -> bool:
         """Status 'running' and its process still exists (a killed trainer leaves 'running' behind)."""
-        meta = self.meta()
-        if meta.get("status") != "running":
-            return False
-        pid = meta.get("pid")
-        if not isinstance(pid, int) or meta.get("host") not in (None, _host()):
-            return True
-        return _pid_alive(pid)
+        return meta_alive(self.meta())
+
+    def saved_step(self) -> int | None:
+        """The step of the last resumable state written (its 'state' event), None if none was."""
+        rows = self._query("SELECT MAX(step) FROM events WHERE kind = 'state'")
+        return rows[0][0] if rows else None
 
     def close(self) -> None:
         with self._lock:
@@ -202,30 +201,135 @@ class RunReader:
                 self._db = None
 
 
+def meta_alive(meta: dict) -> bool:
+    """A run's meta says 'running' and its process still exists: same pid and, where both are known, the same
+    process start time (a restarted ComfyUI in a container often gets its old pid back). A run on another host
+    counts as alive: its process cannot be checked from here."""
+    if meta.get("status") != "running":
+        return False
+    pid = meta.get("pid")
+    if not isinstance(pid, int) or meta.get("host") not in (None, _host()):
+        return True
+    return _pid_alive(pid, meta.get("pid_started"))
+
+
+# What a run that can continue was stopped by, in words: the trainer's stop_reason -> the label the node and the
+# panel show. "closed": a host trained it in slices and closed it between two. A run whose process vanished while
+# 'running' (killed, or ComfyUI restarted) is "interrupted".
+RESUMABLE = {"stopped": "stopped", "closed": "stopped", "interrupted": "cancelled"}
+
+
+def run_state(meta: dict) -> str:
+    """The run's status as shown: running / finished / stopped / failed, or interrupted (process gone)."""
+    status = meta.get("status", "starting")
+    if status == "running" and not meta_alive(meta):
+        return "interrupted"
+    return status
+
+
+def unfinished_runs(runs_dir) -> list[dict]:
+    """The runs under `runs_dir` that can continue where they stopped, newest first: stopped or cancelled with
+    steps left, or interrupted (process gone), each with a saved state. Each: name, run_dir, step (of the saved
+    state, where a resume continues), steps_total, optimizer, how (stopped / cancelled / interrupted)."""
+    out = []
+    for r in RunReader.list_runs(runs_dir):
+        state = run_state(r)
+        how = "interrupted" if state == "interrupted" else (
+            RESUMABLE.get(r.get("stop_reason")) if state == "stopped" else None)
+        if how is None or not (Path(r["run_dir"]) / "state" / "state.pt").is_file():
+            continue
+        reader = RunReader(r["run_dir"])
+        try:
+            step = reader.saved_step()
+        finally:
+            reader.close()
+        total = r.get("steps_total")
+        if step is None or (isinstance(total, int) and step >= total):
+            continue
+        out.append({"name": r["name"], "run_dir": r["run_dir"], "step": int(step), "steps_total": total,
+                    "optimizer": r.get("optimizer"), "how": how})
+    return out
+
+
 def _host() -> str:
     import socket
 
     return socket.gethostname()
 
 
-def _pid_alive(pid: int) -> bool:
+def process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), None where it cannot be told. psutil when installed
+    (ComfyUI requires it); else Linux's /proc and Windows' GetProcessTimes. The readings agree to well under a
+    second, which is the tolerance _pid_alive allows."""
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except ImportError:
+        pass
+    except Exception:
+        return None
+    if os.name == "nt":
+        return _windows_started(pid)
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the command name in parentheses
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime "))
+        return btime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _windows_started(pid: int) -> float | None:
+    import ctypes
+    from ctypes import wintypes
+
+    k32 = ctypes.windll.kernel32
+    handle = k32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return None
+    try:
+        times = [wintypes.FILETIME() for _ in range(4)]
+        if not k32.GetProcessTimes(handle, *[ctypes.byref(t) for t in times]):
+            return None
+        created = (times[0].dwHighDateTime << 32) | times[0].dwLowDateTime  # 100 ns since 1601
+        return created / 1e7 - 11644473600.0
+    finally:
+        k32.CloseHandle(handle)
+
+
+def _pid_alive(pid: int, started: float | None = None) -> bool:
+    """Process `pid` exists and, when `started` is given and its start time can be read, started then (else the
+    pid was reused by another process after the trainer's died)."""
     if pid == os.getpid():
-        return True
+        return started is None or _same_start(pid, started)
     if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there; ask the kernel instead
         import ctypes
 
-        handle = ctypes.windll.kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        k32 = ctypes.windll.kernel32
+        handle = k32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
         if not handle:
             return False
-        ctypes.windll.kernel32.CloseHandle(handle)
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists but belongs to another user
-    return True
+        try:  # an exited process stays openable while anyone holds a handle to it: ask for its exit code
+            code = ctypes.c_ulong()
+            if k32.GetExitCodeProcess(handle, ctypes.byref(code)) and code.value != 259:  # STILL_ACTIVE
+                return False
+        finally:
+            k32.CloseHandle(handle)
+    else:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass  # exists but belongs to another user
+    return started is None or _same_start(pid, started)
+
+
+def _same_start(pid: int, started) -> bool:
+    now = process_started(pid)
+    return now is None or not isinstance(started, (int, float)) or abs(now - started) < 1.0
 
 
 # ---- control channel ------------------------------------------------------------------------------------------

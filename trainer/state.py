@@ -73,7 +73,7 @@ def dataset_fingerprint(items) -> str:
     """What the data order depends on: a changed dataset on resume means a different order."""
     h = hashlib.sha256()
     for it in items:
-        h.update(f"{it.sha256}|{it.repeats}|{it.caption}\n".encode())
+        h.update(f"{it.sha256}|{it.repeats}|{it.caption}{'|reg' if it.is_reg else ''}\n".encode())
     return h.hexdigest()
 
 

@@ -401,7 +401,8 @@ class Trainer:
         else:
             embeds, pooled = to_device(batch.prompt_embeds, dev), to_device(batch.pooled, dev)
         per_sample = diffusion_loss(cfg, self.built, latents, noise, t, embeds, pooled,
-                                    to_device(batch.time_ids, dev), snr_weighting=True, mask=batch.mask, reduce=False)
+                                    to_device(batch.time_ids, dev), snr_weighting=True, mask=batch.mask,
+                                    weights=batch.weights, reduce=False)
         if self._draws is not None:
             self._draws.append((per_sample.detach(), t))
         loss = per_sample.mean()

@@ -9,6 +9,7 @@ from .dataset import (
     DatasetError,
     DatasetReport,
     ReportLine,
+    balance_regularization,
     scan_dataset,
     split_validation,
 )
@@ -19,6 +20,7 @@ from .sampler import BucketBatchSampler
 __all__ = [
     "Batch", "BucketBatchSampler", "CAPTION_EXTENSIONS", "Crop", "DataItem", "DatasetError", "DatasetReport",
     "FeatureCache", "IMAGE_EXTENSIONS", "ImageError", "ReportLine", "TrainingData", "apply_crop", "assign_bucket",
+    "balance_regularization",
     "latent_key", "load_image", "make_buckets", "plan_crop", "process_caption", "scan_dataset", "split_validation",
     "text_key",
 ]

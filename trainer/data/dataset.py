@@ -34,6 +34,7 @@ class DataItem:
     size: tuple[int, int]  # (width, height) after EXIF orientation
     mask: Path | None = None  # the loss mask's file (the image itself for alpha masks); None: the whole image
     mask_channel: str = "L"  # "L": the mask file's luminance, "A": the alpha channel
+    is_reg: bool = False  # a regularization (class) image: its loss is weighted by prior_loss_weight
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class DatasetReport:
     images: int = 0
     samples_per_epoch: int = 0
     folders: dict = field(default_factory=dict)  # folder (relative) -> (repeats, images)
+    reg: dict | None = None  # regularization images: {"dirs": {folder: {n_repeats, img_count}}, "samples": n}
 
     def add(self, path: Path, action: str, reason: str) -> None:
         line = ReportLine(path, action, reason)
@@ -200,6 +202,24 @@ def _make_item(image: Path, caption_file, repeats, class_token, report) -> DataI
     if note or token_note:
         report.add(image, "converted" if note else "note", "; ".join(n for n in (note, token_note) if n))
     return DataItem(image, caption, repeats, hashlib.sha256(data).hexdigest(), img.size)
+
+
+def balance_regularization(reg_items: list, n_train: int) -> tuple[list, int]:
+    """kohya's balance of regularization images: as many reg samples per epoch as training samples (`n_train`,
+    repeats counted). The images in path order, each with its folder's repeats, until n_train is reached (the
+    last one cut to fit: kohya lets it overshoot); a smaller set then gets one more repeat per image, round robin,
+    until it is. -> (the reg items that train, each marked is_reg with the repeats it gets, number left unused)."""
+    counts, n = [0] * len(reg_items), 0
+    for i, it in enumerate(reg_items):
+        if n >= n_train:
+            break
+        counts[i] = min(it.repeats, n_train - n)
+        n += counts[i]
+    if reg_items and n < n_train:  # cycle: +1 per image in order, as many rounds as it takes
+        rounds, rest = divmod(n_train - n, len(reg_items))
+        counts = [c + rounds + (1 if i < rest else 0) for i, c in enumerate(counts)]
+    used = [dataclasses.replace(it, repeats=c, is_reg=True) for it, c in zip(reg_items, counts) if c]
+    return used, len(reg_items) - len(used)
 
 
 def split_validation(items: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -33,6 +33,7 @@ class Batch:
     prompt_embeds: torch.Tensor | None = None  # (B, 77, 2048) when text-encoder outputs are cached
     pooled: torch.Tensor | None = None  # (B, 1280)
     mask: torch.Tensor | None = None  # (B, 1, h, w) loss weights on the latent grid, when any item has a mask
+    weights: torch.Tensor | None = None  # (B,) per-sample loss weights (prior_loss_weight on reg images), if any
     offset: int = 0  # under several ranks: this shard's first row in the global batch (trainer/distributed.py)
     global_rows: int | None = None  # rows of the whole global batch; None: this batch is the whole of it
 
@@ -150,7 +151,11 @@ class TrainingData:
             captions = [process_caption(c, rng, shuffle=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
                                         separator=cfg.caption_separator, tag_dropout=cfg.tag_dropout,
                                         caption_dropout=cfg.caption_dropout) for c in captions]
-        return self._assemble(indices, crops, captions)
+        batch = self._assemble(indices, crops, captions)
+        if any(self.items[i].is_reg for i in indices):  # kohya: a reg sample's loss x prior_loss_weight
+            w = float(getattr(cfg, "prior_loss_weight", 1.0))
+            batch.weights = torch.tensor([w if self.items[i].is_reg else 1.0 for i in indices])
+        return batch
 
     def fixed_batches(self, batch_size: int) -> list[Batch]:
         """Every item once, centred and unaugmented, in batches of one bucket each (the validation set)."""
@@ -164,10 +169,14 @@ class TrainingData:
         return out
 
     def fixed_batch(self, n: int) -> Batch:
-        """A fixed evaluation batch: up to n items of the most populated bucket, centred, unaugmented."""
-        counts = self.bucket_counts()
+        """A fixed evaluation batch: up to n training items (never regularization images) of the most populated
+        bucket, centred, unaugmented."""
+        train = [i for i, it in enumerate(self.items) if not it.is_reg]
+        counts: dict = {}
+        for i in train:
+            counts[self.bucket_of[i]] = counts.get(self.bucket_of[i], 0) + 1
         bucket = max(counts, key=lambda b: (counts[b], b))
-        indices = [i for i, b in enumerate(self.bucket_of) if b == bucket][:max(1, n)]
+        indices = [i for i in train if self.bucket_of[i] == bucket][:max(1, n)]
         crops = [plan_crop(self.items[i].size, bucket) for i in indices]
         return self._assemble(indices, crops, [self.items[i].caption for i in indices])
 

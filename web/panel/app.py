@@ -116,6 +116,25 @@ class PanelApp:
         n = self.controller(name).request_save()
         return f"save #{n} requested: `{name}` writes its LoRA at the next step"
 
+    def resume_run(self, name) -> tuple:
+        """Continue the picked run (stopped, cancelled or interrupted, with a saved state) in a background
+        `python -m trainer train --resume`; (message, follow)."""
+        try:
+            run_dir = self.root.run_dir(name)
+        except PathError as e:
+            return f"⚠ {e}", gr.skip()
+        runs = {r["name"]: r for r in runstore.unfinished_runs(self.root.runs_dir)}
+        if name not in runs:
+            return f"`{name}` cannot be resumed: it is running, finished, failed or has no saved state", gr.skip()
+        if launcher.poll().get(name, (0,))[0] is None:
+            return f"`{name}` is already being resumed", gr.skip()
+        world = self.run_data(name).meta.get("world_size") or 1
+        launcher.start(self.root, launcher.resume_command(run_dir, int(world)), name)
+        self._runs_at = 0.0  # list the runs afresh at the next refresh: this one is about to run
+        r = runs[name]
+        return (f"resuming `{name}` from step {r['step']} of {r['steps_total']} in the background "
+                f"(log: panel-logs/{name}.log); the panel follows it", gr.update(value=True))
+
     # ---- files -----------------------------------------------------------------------------------------------
     def lora_files(self, rd) -> list:
         paths = rd.event_paths("save")
@@ -276,16 +295,19 @@ class PanelApp:
         files = self.lora_files(rd)
         out["files"] = gr.update(value=files or None) if (name, tuple(files)) != st.get("files") else gr.skip()
         st["files"] = (name, tuple(files))
-        out.update(self._controls(rd.status()["status"] == "running", st))
+        resumable = any(r["name"] == name and r.get("resume") for r in runs)
+        out.update(self._controls(rd.status()["status"] == "running", st, resumable))
         return [*self._ordered(out), st]
 
     @staticmethod
-    def _controls(running: bool, st: dict) -> dict:
-        """Stop and Save now act on a running trainer only: inactive for any other run (sent when it changes)."""
-        if st.get("running") == running:
-            return {"stop_btn": gr.skip(), "save_btn": gr.skip()}
-        st["running"] = running
-        return {"stop_btn": gr.update(interactive=running), "save_btn": gr.update(interactive=running)}
+    def _controls(running: bool, st: dict, resumable: bool = False) -> dict:
+        """Stop and Save now act on a running trainer only, Resume on a run that can continue (sent when it
+        changes)."""
+        if st.get("running") == (running, resumable):
+            return {"stop_btn": gr.skip(), "save_btn": gr.skip(), "resume_btn": gr.skip()}
+        st["running"] = (running, resumable)
+        return {"stop_btn": gr.update(interactive=running), "save_btn": gr.update(interactive=running),
+                "resume_btn": gr.update(interactive=resumable and not running)}
 
     def pick(self, run, compare, follow, more, st):
         """The user picked a run: stop following the newest one and show the pick."""
@@ -302,7 +324,7 @@ class PanelApp:
         return self.pick(name, compare, False, more, st)
 
     ORDER = ("run", "compare", "status", *plots.CHART_KEYS, "auto", "more_sel", "gallery", "files", "stop_btn",
-             "save_btn")
+             "save_btn", "resume_btn")
 
     def _ordered(self, out: dict) -> list:
         return [out[k] for k in self.ORDER]
@@ -323,6 +345,7 @@ class PanelApp:
                 auto = gr.Checkbox(label="Auto-stop when should_stop rises", value=True, elem_id="emolora-autostop")
                 stop_btn = gr.Button("Stop (save and end)", variant="stop", elem_id="emolora-stop", interactive=False)
                 save_btn = gr.Button("Save now", elem_id="emolora-save", interactive=False)
+                resume_btn = gr.Button("Resume", elem_id="emolora-resume", interactive=False)
             action = gr.Markdown(elem_id="emolora-action")
             chart = {}
             with gr.Row():
@@ -343,7 +366,7 @@ class PanelApp:
             timer = gr.Timer(1.0)
 
             outputs = [run, compare, status, *[chart[k] for k in plots.CHART_KEYS], auto, more_sel, gallery, files,
-                       stop_btn, save_btn, st]
+                       stop_btn, save_btn, resume_btn, st]
             inputs = [run, compare, follow, more_sel, st]
             timer.tick(self.tick, inputs, outputs, show_progress="hidden", queue=True, concurrency_limit=4)
             demo.load(self.open_page, inputs, [follow, *outputs], show_progress="hidden")
@@ -353,6 +376,7 @@ class PanelApp:
             auto.input(self.set_auto_stop, [run, auto], action, show_progress="hidden")
             stop_btn.click(self.request_stop, run, action, show_progress="hidden")
             save_btn.click(self.request_save, run, action, show_progress="hidden")
+            resume_btn.click(self.resume_run, run, [action, follow], show_progress="hidden")
             f["start"].click(self.start_run, [f[k] for k in self.FORM + self.LAUNCH], [f["message"], follow])
             for chooser in (f["preset"], f["optimizer"]):
                 chooser.input(self.form_defaults, [f["preset"], f["optimizer"]], [f[k] for k in self.SHOWN])

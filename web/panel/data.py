@@ -185,7 +185,7 @@ class RunData:
         total = m.get("steps_total") or self.config.get("steps")
         status = m.get("status", "starting")
         if status == "running" and not self.alive:
-            status = "dead"  # the trainer's process is gone without recording an end
+            status = "interrupted"  # the trainer's process is gone without recording an end (killed)
         sps = self.last("steps_per_s")
         eta = (total - step) / sps if status == "running" and sps and total and total > step else None
         mem = self.last("mem_mb")
@@ -226,19 +226,11 @@ class RunCache:
 
 
 def list_runs(runs_dir) -> list:
-    """The runs in `runs_dir`, newest first, each with name, status (dead when its process is gone) and meta."""
-    out = []
-    for r in runstore.RunReader.list_runs(runs_dir):
-        st = r.get("status", "starting")
-        if st == "running":
-            reader = runstore.RunReader(r["run_dir"])
-            try:
-                if not reader.is_alive():
-                    st = "dead"
-            finally:
-                reader.close()
-        out.append({**r, "status": st})
-    return out
+    """The runs in `runs_dir`, newest first, each with name, status (interrupted when its process is gone),
+    meta and resume (True when it can continue: runstore.unfinished_runs)."""
+    can_resume = {r["name"] for r in runstore.unfinished_runs(runs_dir)}
+    return [{**r, "status": runstore.run_state(r), "resume": r["name"] in can_resume}
+            for r in runstore.RunReader.list_runs(runs_dir)]
 
 
 def fmt_duration(seconds) -> str:

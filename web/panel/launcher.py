@@ -54,6 +54,12 @@ def build_command(root, presets: list, overrides: dict, name: str, gpus: int = 1
     return launch_command(args, gpus)
 
 
+def resume_command(run_dir, processes: int = 1) -> list:
+    """The trainer's command line that continues `run_dir` from its saved state (the CLI's --resume), with as
+    many processes as it was trained with."""
+    return launch_command(["train", "--no-progress", "--resume", str(run_dir)], processes)
+
+
 def start(root, cmd: list, name: str) -> subprocess.Popen:
     """Run `cmd` in the background from the folder holding the trainer package; output to a log file."""
     logs = root.root / "panel-logs"
