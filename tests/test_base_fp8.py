@@ -278,12 +278,23 @@ def test_base_dtype_fp8_on_a_torch_without_float8_fails_before_the_model_loads(t
         build.scan_and_place(cfg)
 
 
-def test_base_dtype_option_and_flag():
-    from trainer.cli import build_parser
+def test_base_dtype_option_and_flag(tmp_path, monkeypatch):
+    from trainer import cli
     from trainer.config import TrainConfig
 
     assert TrainConfig().base_dtype == "auto"
     with pytest.raises(ConfigError, match="base_dtype must be one of auto, bf16, fp16, fp32, fp8"):
         TrainConfig(base_dtype="int8").validate(require_paths=False)
-    args = build_parser().parse_args(["train", "--base-dtype", "fp8", "--model", "m", "--data", "d", "--output", "o"])
-    assert args.base_dtype == "fp8"
+    seen = []
+
+    def run(cfg, progress):  # stands in for training: record the merged config, stop
+        seen.append(cfg)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli, "_run", run)
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--base-dtype", "fp8", "--model", tiny_model_path(), "--data", str(data), "--output",
+                  str(tmp_path / "o.safetensors")])
+    assert seen[0].base_dtype == "fp8"  # the flag reaches the config
