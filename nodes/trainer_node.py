@@ -139,7 +139,11 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("tucker", default=False, optional=True,
                                  tooltip="Tucker cores for the 3x3 conv layers (LyCORIS use_tucker); needs "
                                          "conv_rank > 0, network lora or loha."),
-                # ---- low VRAM (issue 17, offload): for the lead to move into the Training Options node
+                # ---- low VRAM (issue 17): for the lead to move into the Training Options node
+                io.Combo.Input("base_dtype", options=list(CHOICES["base_dtype"]), default="auto", optional=True,
+                               tooltip="How the frozen UNet's Linear/Conv weights are held. fp8: float8 with a "
+                                       "per-tensor scale, upcast layer by layer (about half the weight memory of "
+                                       "bf16). auto: fp8 for an fp8 checkpoint, else the precision's dtype."),
                 io.Combo.Input("offload", options=list(OFFLOAD_CHOICES), default="none", optional=True,
                                tooltip="Stream the UNet's down/mid/up blocks from host memory to the GPU as they "
                                        "run: blocks = all 7, blocks:N = the N largest. Less VRAM, slower steps; "
@@ -170,7 +174,7 @@ class EmoLoRATrainer(io.ComfyNode):
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
                 sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
-                compile=False, tucker=False, offload="none", oft_rescale=False, gpus=1,
+                compile=False, tucker=False, base_dtype="auto", offload="none", oft_rescale=False, gpus=1,
                 resume=NO_RESUME) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
@@ -199,8 +203,8 @@ class EmoLoRATrainer(io.ComfyNode):
                    "network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": weights,
                    "auto_stop_on": auto_stop_on or "should_stop", "validation_every": int(validation_every or 0),
                    "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker),
-                   "offload": offload or "none"}
-                   "oft_rescale": bool(oft_rescale)}  # OFT/BOFT (issue 18)
+                   "base_dtype": base_dtype or "auto", "offload": offload or "none",
+                   "oft_rescale": bool(oft_rescale)}
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
         free_comfy_models()
