@@ -270,7 +270,7 @@ class BlockOffloader:
         self.drop_all()
 
     def _pack(self, t: torch.Tensor):
-        if t.device.type == "meta":
+        if t.device.type == "meta" or t.layout != torch.strided:
             return t
         for i, slot, start, end in self._storages.get(t.untyped_storage().data_ptr(), ()):
             if start <= t.storage_offset() < end and t.dtype == self.blocks[i].on_device[slot].dtype:
