@@ -102,10 +102,9 @@ def random_unet_trainer(config: dict):
         def load_model(self, rt):
             from trainer.build import prepare_model
             from trainer.diffusion import NoiseSchedule
-            from trainer.parts import LoadedModel
-
             from trainer.model.base_weights import store_unet
             from trainer.model.loader import storage_dtype
+            from trainer.parts import LoadedModel
 
             t0 = time.perf_counter()
             unet = random_unet(config, rt.device, rt.weight_dtype)

@@ -120,6 +120,11 @@ class EmoLoRATrainer(io.ComfyNode):
                 io.Boolean.Input("tucker", default=False, optional=True,
                                  tooltip="Tucker cores for the 3x3 conv layers (LyCORIS use_tucker); needs "
                                          "conv_rank > 0, network lora or loha."),
+                # ---- low VRAM (issue 17): fp8 base weights (Options-node material at the issue 19 split)
+                io.Combo.Input("base_dtype", options=list(CHOICES["base_dtype"]), default="auto", optional=True,
+                               tooltip="How the frozen UNet's Linear/Conv weights are held. fp8: float8 with a "
+                                       "per-tensor scale, upcast layer by layer (about half the weight memory of "
+                                       "bf16). auto: fp8 for an fp8 checkpoint, else the precision's dtype."),
                 # ---- low VRAM (issue 17, offload): for the lead to move into the Training Options node
                 io.Combo.Input("offload", options=list(OFFLOAD_CHOICES), default="none", optional=True,
                                tooltip="Stream the UNet's down/mid/up blocks from host memory to the GPU as they "
@@ -142,7 +147,7 @@ class EmoLoRATrainer(io.ComfyNode):
                 conv_alpha, train_text_encoder, network_weights, steps, batch_size, grad_accum, precision,
                 gradient_checkpointing, seed, auto_stop, save_every, sample_prompts, sample_every, sample_size,
                 sample_steps, output_name, auto_stop_on="should_stop", validation_every=0, val_patience=5,
-                compile=False, tucker=False, offload="none", gpus=1) -> io.NodeOutput:
+                compile=False, tucker=False, base_dtype="auto", offload="none", gpus=1) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import folder_paths
@@ -169,7 +174,7 @@ class EmoLoRATrainer(io.ComfyNode):
                    "network": network, "dora": bool(dora), "rslora": bool(rslora), "network_weights": weights,
                    "auto_stop_on": auto_stop_on or "should_stop", "validation_every": int(validation_every or 0),
                    "val_patience": int(val_patience or 5), "compile": bool(compile), "tucker": bool(tucker),
-                   "offload": offload or "none"}
+                   "base_dtype": base_dtype or "auto", "offload": offload or "none"}  # low VRAM (issue 17)
         if train_text_encoder:
             options["cache_text"] = "off"  # cached text-encoder outputs cannot train the text encoders
         free_comfy_models()

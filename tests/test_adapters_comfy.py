@@ -111,3 +111,40 @@ def test_lokr_factorization_is_comfyuis(comfy_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [list(factorization(d, f)) for d, f in cases] == theirs
+
+
+@pytest.mark.slow
+def test_comfyui_applies_a_lora_trained_on_an_fp8_base_like_any_other(comfy_env, tmp_path):
+    """LoRA and DoRA files trained on the float8 base (issue 17): ComfyUI applies every key without a warning, and
+    its patched model is the one our own loader makes from the same file on the plain checkpoint."""
+    from _trainer_helpers import tiny_config
+
+    from trainer.train import train
+
+    files = {}
+    for name, kw in (("fp8-lora", {}), ("fp8-dora", {"dora": True})):
+        cfg = tiny_config(tmp_path / name, steps=3, rank=4, conv_rank=2, base_dtype="fp8", lr=5e-3, **kw)
+        result = train(cfg)
+        assert result.stop_reason == "finished"
+        files[name] = result.lora_path
+    patched = _apply_in_comfy(comfy_env, tmp_path, files)
+    tiny = tiny_model_path()
+    with torch.no_grad():
+        base_out = unet_out(load_sdxl(tiny))
+    for name, path in files.items():
+        weights, report = patched[name]
+        kw = {"dora": name.endswith("dora")}
+        ours = load_sdxl(tiny)
+        net = LoRANetwork(ours, rank=4, conv_rank=2, **kw)
+        assert net.load_weights(path)["missing"] == []
+        assert report["warnings"] == [] and report["patched"] == len(net.loras), (name, report)
+        other = load_sdxl(tiny)
+        view = LoRANetwork(other, rank=4, conv_rank=2, **kw, multiplier=0.0)
+        with torch.no_grad():
+            for module, base in base_modules(view).items():
+                key = comfy_key(module) or "diffusion_model." + _ldm_path(module) + ".weight"
+                base.weight.copy_(weights[key].reshape(base.weight.shape))
+            a, b = unet_out(ours), unet_out(other)
+        assert rel_err(a, base_out) > 1e-4, name  # the trained adapter changes the model
+        print(f"{name}: ComfyUI vs ours, UNet output max rel err {rel_err(a, b):.1e}")
+        assert rel_err(a, b) < 1e-4, (name, rel_err(a, b))

@@ -359,6 +359,7 @@ def test_run_training_loha_then_continue_it(tmp_path, monkeypatch, one_thread):
     from safetensors import safe_open
 
     from trainer.model import tiny_model_path
+    from trainer.runstore import RunReader
 
     training = sub("nodes.training")
     monkeypatch.setattr(training, "send_event", lambda name, data: None)
@@ -373,8 +374,12 @@ def test_run_training_loha_then_continue_it(tmp_path, monkeypatch, one_thread):
         keys = list(f.keys())
     assert any(k.endswith(".hada_w1_a") for k in keys) and not any("lora_down" in k for k in keys)
     assert first["config"].network == "loha"
-    again = training.run_training(output_name="loha", network="loha", network_weights=first["lora_path"], **kw)
+    # continued on an fp8 base (the node's base_dtype input): the same file layout continues
+    again = training.run_training(output_name="loha", network="loha", network_weights=first["lora_path"],
+                                  base_dtype="fp8", **kw)
     assert again["config"].network_weights == first["lora_path"] and again["lora_name"] == "loha_00002.safetensors"
+    assert again["config"].base_dtype == "fp8"
+    assert RunReader(again["run_dir"]).meta()["base_dtype"] == "float8_e4m3fn"
 
 
 @pytest.mark.slow

@@ -140,6 +140,8 @@ def test_object_info_lists_every_node(object_info):
     assert req["network"][1]["options"] == ["lora", "loha", "lokr"]
     assert tr["input"]["optional"]["offload"][1]["options"][:3] == ["none", "blocks", "blocks:1"]
     assert req["network_weights"][1]["options"][0] == "none"
+    base_dtype = tr["input"]["optional"]["base_dtype"][1]
+    assert base_dtype["options"] == ["auto", "bf16", "fp16", "fp32", "fp8"] and base_dtype["default"] == "auto"
     assert tr["output"] == ["STRING", "IMAGE", "STRING", "IMAGE"]
     assert tr["output_name"] == ["lora_name", "telemetry", "run_dir", "samples"]
     ld = object_info["EmoLoRA_LoadTrainedLoRA"]

@@ -30,10 +30,11 @@ def losses(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,lr", [("EmoNavi", 1e-3), ("EmoSens", 1.0)])
-def test_stop_at_k_and_resume_is_bit_identical(tmp_path, optimizer, lr):
-    ref = train(tiny_config(tmp_path / "a", optimizer=optimizer, lr=lr, **RANDOM_EVERYWHERE))
-    cfg = tiny_config(tmp_path / "b", optimizer=optimizer, lr=lr, **RANDOM_EVERYWHERE)
+@pytest.mark.parametrize("optimizer,lr,base_dtype", [("EmoNavi", 1e-3, "auto"), ("EmoSens", 1.0, "auto"),
+                                                     ("EmoNavi", 1e-3, "fp8")])  # fp8: the base re-quantized
+def test_stop_at_k_and_resume_is_bit_identical(tmp_path, optimizer, lr, base_dtype):
+    ref = train(tiny_config(tmp_path / "a", optimizer=optimizer, lr=lr, base_dtype=base_dtype, **RANDOM_EVERYWHERE))
+    cfg = tiny_config(tmp_path / "b", optimizer=optimizer, lr=lr, base_dtype=base_dtype, **RANDOM_EVERYWHERE)
 
     def stop_at_3(info):
         if info["step"] == 3:

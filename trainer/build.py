@@ -37,6 +37,12 @@ def scan_and_place(cfg: TrainConfig):
     cfg = cfg.validate(require_paths=not cfg.resume)
     if cfg.resume and not (Path(cfg.resume) / "state" / STATE_FILE).is_file():
         raise ConfigError(f"resume: no saved training state in {cfg.resume} (expected state/{STATE_FILE})")
+    if cfg.base_dtype == "fp8":
+        from .model.base_weights import fp8_dtype
+
+        if fp8_dtype() is None:
+            raise ConfigError(f"base_dtype fp8 needs a torch with float8 dtypes (torch >= 2.1); this is torch "
+                              f"{torch.__version__}: use base_dtype bf16 or upgrade torch")
     for name in ("model", "network_weights"):  # before the data scan and the multi-GB checkpoint load
         path = getattr(cfg, name)
         if path and not Path(path).expanduser().exists():
@@ -46,12 +52,6 @@ def scan_and_place(cfg: TrainConfig):
     items, val_items = hold_out_validation(cfg, items, report)
     device = pick_device(cfg.device)
     runtime = Runtime(device, pick_precision(cfg.mixed_precision, device))
-    if cfg.base_dtype == "fp8":
-        from .model.base_weights import fp8_dtype
-
-        if fp8_dtype() is None:
-            raise ConfigError(f"base_dtype fp8 needs a torch with float8 dtypes (torch >= 2.1); this is torch "
-                              f"{torch.__version__}: use base_dtype bf16 or upgrade torch")
     if cfg.lr is None:
         from .optim import OPTIMIZER_INFO
 

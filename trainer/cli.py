@@ -166,10 +166,10 @@ def cmd_train(args) -> int:
 
     flags = {k: getattr(args, k) for k in (
         "model", "data", "output", "optimizer", "lr", "steps", "resolution", "rank", "alpha", "batch_size",
-        "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "base_dtype", "device", "save_every",
+        "grad_accum", "seed", "tokenizer", "resume", "run_name", "mixed_precision", "device", "save_every",
         "sample_every", "sample_prompts", "auto_stop", "auto_stop_on", "validation_split", "validation_data",
         "validation_every", "mask", "network", "dora", "rslora", "lokr_factor", "tucker", "network_weights",
-        "offload")}
+        "base_dtype", "offload")}
     for k in ("model", "data", "output", "tokenizer", "resume", "validation_data", "network_weights"):
         if flags[k]:
             flags[k] = str(Path(flags[k]).expanduser().resolve())

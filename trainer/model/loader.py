@@ -119,7 +119,9 @@ def storage_dtype(base_dtype: str, compute: torch.dtype, fp8_checkpoint: bool) -
 # ------------------------------------------------------------------ single file
 def _load_file(path: str, dtype, vae_dtype, tokenizer_dir, base_dtype="auto") -> SDXLModel:
     info = detect.read_header(path)
-    fp8_file.check_dtypes(path, info.dtypes, tensor_file.DTYPES)
+    components = (K.UNET_PREFIX, K.TE1_PREFIX, K.TE2_PREFIX, K.VAE_PREFIX)  # the tensors that are read
+    fp8_file.check_dtypes(path, {k: v for k, v in info.dtypes.items() if k.startswith(components)},
+                          tensor_file.DTYPES)
     cfg = detect.infer_configs(info)  # rejects non-SDXL files before any tensor is read
     storage = storage_dtype(base_dtype, dtype, fp8_file.is_fp8_unet(info.shapes, info.dtypes))
     tok_dirs = clip_tokenizers.resolve(path, tokenizer_dir)
@@ -191,11 +193,12 @@ def _read_tensors(path: str, dtype, vae_dtype, stored: dict[str, str]) -> dict[s
     prefixes = (K.UNET_PREFIX, K.TE1_PREFIX, K.TE2_PREFIX)
 
     def dtype_of(key: str):
+        load = dtype if key.startswith(prefixes) else vae_dtype if key.startswith(K.VAE_PREFIX) else None
+        if load is None:
+            return None
         if stored.get(key) in BW.FP8_NAMES:
             return tensor_file.DTYPES[stored[key]]
-        if key.endswith((fp8_file.SCALE, fp8_file.INPUT_SCALE)):
-            return torch.float32
-        return dtype if key.startswith(prefixes) else vae_dtype if key.startswith(K.VAE_PREFIX) else None
+        return torch.float32 if key.endswith((fp8_file.SCALE, fp8_file.INPUT_SCALE)) else load
 
     try:
         return tensor_file.read_tensors(path, dtype_of)
