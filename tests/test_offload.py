@@ -192,3 +192,24 @@ def test_cli_offload_flag_bad_value_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err == "error: offload must be none, blocks or blocks:N (N >= 1 UNet blocks), got 'blocks:zero'"
+
+
+def test_offload_adds_no_device_read(tmp_path, monkeypatch):
+    """The hooks, tokens and fetches read nothing back from the device: still one read per train_step."""
+    from _trainer_helpers import tiny_config
+
+    from trainer.optim.bench import syncs
+    from trainer.optim.bench.syncs import SyncCounter
+    from trainer.train import Trainer
+
+    t = Trainer(tiny_config(tmp_path, steps=10, optimizer="AdamW", offload="blocks", gradient_checkpointing=True,
+                            optimizer_args={"fused": True}))
+    t.setup()
+    for _ in range(2):
+        t._after_step(t.train_step())
+    monkeypatch.setattr(syncs, "SYNC_METHODS", syncs.SYNC_METHODS + ("cpu", "numpy"))
+    with SyncCounter() as c:
+        record = t.train_step()
+    assert c.count <= 1 and not record["skipped"], dict(c.by_name)
+    assert t.built.offload.resident() == []  # every block dropped after the backward
+    t.close()

@@ -85,11 +85,15 @@ def test_rollback_copy_on_host_adds_no_read(trainer, monkeypatch):
     use_optimizer(trainer, "EmoNavi")
     trainer.cfg = trainer.cfg.replace(rollback_on_host=True)
     trainer._guard = None
-    for _ in range(2):
-        trainer._after_step(trainer.train_step())
-    assert trainer._guard.last_good.host
-    monkeypatch.setattr(syncs, "SYNC_METHODS", syncs.SYNC_METHODS + READS)
-    with SyncCounter() as c:
-        record = trainer.train_step()
-    trainer._after_step(record)
-    assert c.count <= 1, dict(c.by_name)
+    try:
+        for _ in range(2):
+            trainer._after_step(trainer.train_step())
+        assert trainer._guard.last_good.host
+        monkeypatch.setattr(syncs, "SYNC_METHODS", syncs.SYNC_METHODS + READS)
+        with SyncCounter() as c:
+            record = trainer.train_step()
+        trainer._after_step(record)
+        assert c.count <= 1, dict(c.by_name)
+    finally:  # the module's trainer goes back to the default copy for any test after this one
+        trainer.cfg = trainer.cfg.replace(rollback_on_host=False)
+        trainer._guard = None

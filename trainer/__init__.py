@@ -7,6 +7,8 @@ Module map (what each module owns):
 - train.py: Trainer, the loop: micro-batches, the step's host read, the optimizer step, stop rules, saves.
 - losses.py: the training loss of a batch, the fixed-noise evaluation and validation losses.
 - rollback.py: the finiteness probe of the LoRA and the rollback of a non-finite update.
+- offload.py: UNet block offloading (blocks streamed from pinned host memory by hooks); vram.py: the VRAM
+  estimate made before the first step.
 - state.py: the resumable state file (state.pt); checkpoint.py: LoRA files and their kohya metadata.
 - telemetry.py: step records, memory, progress bar, TensorBoard, the run summary; samples.py: preview images.
 - devices.py: the run's device and precision; placement.py: which device and mode the model's modules are in;

@@ -114,9 +114,8 @@ class BlockOffloader:
                     self._set(owner, name, is_param, self._parked(host))
             self._hook(i, block)
         self.attached = True
-        log.info("offload: %d UNet blocks (%.0f MiB of weights) stream from host memory%s",
-                 len(self.blocks), sum(b.nbytes for b in self.blocks) / 2**20,
-                 "" if self.cuda else " (on the CPU the copies are no-ops: this saves nothing here)")
+        log.info("offload: %d UNet blocks (%s; %.0f MiB of weights) stream from host memory",
+                 len(self.blocks), ", ".join(b.name for b in self.blocks), sum(b.nbytes for b in self.blocks) / 2**20)
         return self
 
     def detach(self) -> None:
@@ -270,7 +269,7 @@ class BlockOffloader:
         self.drop_all()
 
     def _pack(self, t: torch.Tensor):
-        if t.device.type == "meta":
+        if t.device.type == "meta" or t.layout != torch.strided:
             return t
         for i, slot, start, end in self._storages.get(t.untyped_storage().data_ptr(), ()):
             if start <= t.storage_offset() < end and t.dtype == self.blocks[i].on_device[slot].dtype:

@@ -13,7 +13,8 @@ Exact parts (bytes counted on the live tensors, or on the tensors the optimizer 
 - the feature caches held on the device.
 Modelled part: the activations of the UNet at the run's resolution, batch and checkpointing setting
 (`activation_bytes`, elements per token and channel of each module kind; benchmarks/bench_gpu.py --vram reports
-its error against the measured peak). Not counted: the CUDA context, allocator fragmentation, kernels' workspace.
+its error against the measured peak). Not counted: the CUDA context, allocator fragmentation, kernels' workspace,
+the text encoders' activations when they train.
 """
 
 from __future__ import annotations
