@@ -60,8 +60,8 @@ def test_resume_a_stopped_run_from_the_panel(tmp_path):
     from trainer.train import train
 
     app = PanelApp(tmp_path / "out")
-    cfg = tiny_config(tmp_path, steps=4, batch_size=1, run_name="paused", runs_dir=str(app.root.runs_dir),
-                      output=str(app.root.root / "paused.safetensors"))
+    cfg = tiny_config(tmp_path, n_images=2, steps=4, batch_size=1, run_name="paused",
+                      runs_dir=str(app.root.runs_dir), output=str(app.root.root / "paused.safetensors"))
 
     def stop_at_2(info):
         if info["step"] == 2:
