@@ -186,3 +186,15 @@ def test_dataset_node_takes_a_reg_folder_and_refuses_a_missing_one(tmp_path):
     with pytest.raises(common.EmoLoRAError, match=f"^EmoLoRA Dataset: reg_folder: regularization folder not "
                                                   f"found: {tmp_path / 'none'}"):
         ds.build_dataset(str(data), 64, True, 64, 1, False, reg_folder=str(tmp_path / "none"))
+
+
+def test_a_rank_takes_its_rows_of_the_loss_weights_and_masks():
+    """Under several ranks each takes its slice of the global batch: the reg weights and masks too."""
+    from trainer.data import Batch
+    from trainer.distributed import shard
+
+    b = Batch([0, 1, 2, 3], list("abcd"), torch.zeros(4, 4, 2, 2), torch.zeros(4, 6),
+              mask=torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 2, 2), weights=torch.tensor([1.0, 0.5, 1.0, 0.5]))
+    part = shard(b, SimpleNamespace(enabled=True, rank=1), 2)
+    assert part.indices == [2, 3] and part.weights.tolist() == [1.0, 0.5]
+    assert part.mask[:, 0, 0, 0].tolist() == [2.0, 3.0] and (part.offset, part.global_rows) == (2, 4)

@@ -48,3 +48,37 @@ def test_start_a_run_from_the_panel(tmp_path):
     assert out[app.ORDER.index("stop_btn")]["interactive"] is False  # finished: nothing to stop
     # the same name again gets its own folder and LoRA
     assert launcher.unique_name(app.root, "my-run") == "my-run-2"
+
+
+def test_resume_a_stopped_run_from_the_panel(tmp_path):
+    """A run stopped at step 2 of 4 (Ctrl-C: its state saved) is resumed with the panel's Resume: a background
+    `python -m trainer train --resume` that finishes it in its own folder and file."""
+    from _trainer_helpers import tiny_config
+    from emolora.web.panel import launcher
+    from emolora.web.panel.app import PanelApp
+
+    from trainer.train import train
+
+    app = PanelApp(tmp_path / "out")
+    cfg = tiny_config(tmp_path, n_images=2, steps=4, batch_size=1, run_name="paused",
+                      runs_dir=str(app.root.runs_dir), output=str(app.root.root / "paused.safetensors"))
+
+    def stop_at_2(info):
+        if info["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, on_step=stop_at_2)
+    assert [r["name"] for r in app.runs(max_age=0) if r["resume"]] == ["paused"]
+    msg, follow = app.resume_run("paused")
+    assert msg.startswith("resuming `paused` from step 2 of 4"), msg
+    end = time.monotonic() + 180
+    while time.monotonic() < end and launcher.poll()["paused"][0] is None:
+        time.sleep(0.5)
+    rc, log = launcher.poll()["paused"]
+    assert rc == 0, log.read_text()[-3000:]
+    s = app.run_data("paused").status()
+    assert s["status"] == "finished" and s["step"] == 4
+    assert [e["step"] for e in app.run_data("paused").reader.events(kind="resume")] == [2]
+    assert app.lora_files(app.run_data("paused"))[-1] == str(app.root.root / "paused.safetensors")
+    assert not [r for r in app.runs(max_age=0) if r["resume"]]

@@ -156,3 +156,15 @@ def test_a_cancelled_node_run_resumes_to_the_uninterrupted_lora(tmp_path, monkey
     a, b = lora_tensors(ref["lora_path"]), lora_tensors(out["lora_path"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert training.resume_choices(runs) == []  # finished: nothing left to resume
+
+
+def test_the_runs_command_shows_killed_runs_as_interrupted_and_where_they_resume(tmp_path, capsys):
+    from trainer.cli import main
+
+    runs = tmp_path / "runs"
+    _run(runs, "killed", status="running", step=7, pid=2**22 + 12345)
+    _run(runs, "done", status="finished", reason="finished", step=10)
+    assert main(["runs", str(tmp_path)]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert " interrupted " in lines["killed"] and lines["killed"].endswith("(--resume continues from step 7)")
+    assert " finished " in lines["done"] and "--resume" not in lines["done"]

@@ -349,14 +349,16 @@ def cmd_presets(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runstore import RunReader
+    from .runstore import RunReader, run_state, unfinished_runs
 
     runs = RunReader.list_runs(args.folder)
     if not runs:
         print(f"no runs in {args.folder}")
-    for r in runs:
-        print(f"{r['name']:<40} {r.get('status', '?'):<9} {r.get('optimizer', '?'):<14} "
-              f"step {r.get('steps_done', '?')}/{r.get('steps_total', '?')}  {r['run_dir']}")
+    resumable = {r["name"]: r["step"] for r in unfinished_runs(args.folder)}
+    for r in runs:  # a run whose process is gone shows as interrupted; one that can continue says from where
+        more = f"  (--resume continues from step {resumable[r['name']]})" if r["name"] in resumable else ""
+        print(f"{r['name']:<40} {run_state(r):<11} {r.get('optimizer', '?'):<14} "
+              f"step {r.get('steps_done', '?')}/{r.get('steps_total', '?')}  {r['run_dir']}{more}")
     return 0
 
 
