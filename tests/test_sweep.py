@@ -221,3 +221,23 @@ def test_cli_sweep_prints_progress_table_and_recommendation(tmp_path, capsys):
     assert "| EmoNavi | 6e-05 | raw | 1 |" in out.out and out.out.strip().splitlines()[-1].startswith("best: ")
     rows = load_sweep(tmp_path / "sw")["rows"]
     assert [r["steps_done"] for r in rows] == [3, 3] and all(r["lora_path"] for r in rows)
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_is_a_row_not_the_end_of_the_sweep(tmp_path, monkeypatch):
+    from test_train_divergence import PoisonedAdamW
+
+    real = build.make_optimizer
+
+    def make(cfg, params):  # AdamW's every update from the second on writes inf into the LoRA
+        return PoisonedAdamW(params, lambda calls: calls >= 2, lr=cfg.lr) if cfg.optimizer == "AdamW" \
+            else real(cfg, params)
+
+    monkeypatch.setattr(build, "make_optimizer", make)
+    base = tiny_config(tmp_path, steps=8, validation_split=0.34, validation_every=4)
+    res = run_sweep(plan_sweep(base, "AdamW,EmoLynx", steps=8, output_dir=tmp_path / "sw"))
+    adamw, lynx = res.rows
+    assert adamw["stop_reason"] == "diverged" and "AdamW diverged" in adamw["message"]
+    assert lynx["stop_reason"] == "finished" and lynx["steps_done"] == 8
+    assert res.winner["optimizer"] == "EmoLynx" and res.recommendation.startswith("only candidate: EmoLynx")
+    assert "| AdamW | 0.0001 | raw | 1 |" in res.table_md and "diverged |" in res.table_md
