@@ -11,8 +11,7 @@ from trainer import build
 from trainer.cli import main
 from trainer.config import OPTIMIZER_NAMES, ConfigError
 from trainer.runstore import RunReader
-from trainer.sweep import LOSS_READERS, load_sweep, parse_optimizer_list, plan_sweep, resume_plan, run_sweep
-from trainer.sweep import report
+from trainer.sweep import LOSS_READERS, load_sweep, parse_optimizer_list, plan_sweep, report, resume_plan, run_sweep
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,6 +46,16 @@ def test_parse_optimizer_list():
         parse_optimizer_list("EmoLynx,emolynx")
     with pytest.raises(ConfigError, match="at least one"):
         parse_optimizer_list(" , ")
+
+
+def test_importing_the_sweep_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, trainer.sweep; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == "False"  # the panel reads sweep.json through it
 
 
 def test_loss_readers_are_the_optimizers_whose_step_reads_the_loss():

@@ -1,6 +1,6 @@
 """Running a sweep: its runs one after another over one loaded model, sweep.json after every run, the
 report at the end, and --resume of a stopped or killed sweep (finished runs kept, the interrupted one resumed
-from its saved state)."""
+from its saved state). Importing it (load_sweep, for the panel) loads no torch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..atomic import atomic_write_json, atomic_write_text
 from ..config import ConfigError
-from ..state import STATE_FILE
 from . import chart, report
 from .plan import SweepPlan, plan_from_dict
 
@@ -107,6 +106,7 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
     eta_s, current_label) at each run's start and at the end; on_step(info) is each run's step callback (info
     also has sweep_run, sweep_runs, sweep_eta_s and sweep_label). stop_event: the current run saves and stops
     at its next step boundary, and the sweep ends as "stopped" (resume it later)."""
+    from ..state import STATE_FILE
     from .session import SharedModel, SweepTrainer
 
     stop_event = stop_event or threading.Event()
@@ -126,7 +126,7 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
     shared = SharedModel()
     status = "finished"
     try:
-        for i, spec in enumerate(plan.runs):
+        for spec in plan.runs:
             if spec.label in done:
                 continue
             if stop_event.is_set():
