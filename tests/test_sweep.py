@@ -250,3 +250,16 @@ def test_a_run_that_diverges_is_a_row_not_the_end_of_the_sweep(tmp_path, monkeyp
     assert lynx["stop_reason"] == "finished" and lynx["steps_done"] == 8
     assert res.winner["optimizer"] == "EmoLynx" and res.recommendation.startswith("only candidate: EmoLynx")
     assert "| AdamW | 0.0001 | raw | 1 |" in res.table_md and "diverged |" in res.table_md
+
+
+def test_a_folder_holding_another_sweep_is_refused_and_the_saved_plan_round_trips(tmp_path, monkeypatch):
+    from trainer.sweep import run as sweep_run
+
+    base = tiny_config(tmp_path)
+    a = plan_sweep(base, "EmoNavi,AdamW", steps=5, output_dir=tmp_path / "sw", loss_control=True, seeds=2)
+    sweep_run._write(a, "stopped", [])
+    again = resume_plan(tmp_path / "sw")
+    assert again.to_dict() == a.to_dict() and [r.cfg for r in again.runs] == [r.cfg for r in a.runs]
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="holds another sweep"):
+        run_sweep(plan_sweep(base, "EmoNavi", steps=5, output_dir=tmp_path / "sw"))

@@ -115,6 +115,9 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
     rows = []
     if (out / SWEEP_FILE).is_file():
         saved = load_sweep(out)
+        if saved.get("plan") != json.loads(json.dumps(plan.to_dict(), sort_keys=True, default=str)):
+            raise ConfigError(f"{out} holds another sweep (other optimizers or options): continue it with "
+                              "--resume, or choose another output folder")
         labels = {r.label for r in plan.runs}
         rows = [r for r in saved.get("rows", []) if r.get("label") in labels]
     done = {r["label"] for r in rows}
@@ -163,6 +166,9 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
                 status = "stopped"
                 raise
             except Exception as e:  # one run's failure is a row, not the end of the sweep
+                if trainer.stop_reason == "interrupted":  # the host's step callback raised (e.g. a cancel)
+                    status = "stopped"
+                    raise
                 if isinstance(e, ConfigError) and shared.loaded is None:
                     raise  # bad input found by the first run's setup: every run would fail the same way
                 error = f"{type(e).__name__}: {e}"
