@@ -2,6 +2,7 @@
 the loss-withheld control, the report, and resume after a kill mid-sweep."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -225,7 +226,8 @@ def test_cli_sweep_prints_progress_table_and_recommendation(tmp_path, capsys):
                "--batch-size", "2", "--no-progress"])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "[sweep] run 1/2: EmoNavi lr=6e-05 raw seed=42" in out.err and "[sweep] run 2/2: AdamW" in out.err
+    assert "sweep: run 1/2: EmoNavi lr=6e-05 raw seed=42\n" in out.err
+    assert re.search(r"sweep: run 2/2: AdamW lr=0.0001 raw seed=42 \(sweep ETA [0-9.]+ min\)", out.err)
     assert "holding out 20%" in out.err
     assert "| EmoNavi | 6e-05 | raw | 1 |" in out.out and out.out.strip().splitlines()[-1].startswith("best: ")
     rows = load_sweep(tmp_path / "sw")["rows"]

@@ -234,14 +234,8 @@ def cmd_sweep(args) -> int:
         plan = plan_sweep(base, args.optimizers, seeds=args.seeds, loss_control=args.loss_control,
                           optimizer_loss_modes=modes, lr_scales=scales, steps=args.steps, output_dir=out,
                           lr=args.lr, explicit=explicit)
-    show = not args.no_progress and sys.stderr.isatty()
-
-    def progress(done, total, eta, label):
-        if label is not None:
-            print(f"[sweep] run {done + 1}/{total}: {label}" + (f", ETA {eta / 60:.1f} min" if eta else ""),
-                  file=sys.stderr, flush=True)
-
-    result = run_sweep(plan, on_progress=progress, progress_bar=show)
+    # progress: the sweep logs each run's start with the sweep's ETA; a bar per run on a terminal
+    result = run_sweep(plan, progress_bar=not args.no_progress and sys.stderr.isatty())
     print(result.table_md)
     print(f"sweep: {plan.output_dir} (sweep.md, sweep.json, sweep.png)")
     print(result.recommendation)
