@@ -196,12 +196,19 @@ def test_sweep_resumes_after_a_kill_mid_sweep(tmp_path):
     base = tiny_config(tmp_path, steps=8, validation_split=0.34, validation_every=4)
     plan = plan_sweep(base, "EmoLynx,AdamW,EmoFact", steps=8, output_dir=tmp_path / "sw")
 
+    live = []
+
     def kill_in_run_2(info):
+        live.append((info["sweep_label"], load_sweep(tmp_path / "sw")["current"]))
         if info["sweep_run"] == 2 and info["step"] == 3:
             raise KeyboardInterrupt  # Ctrl-C: the run saves its state and the sweep stops
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(plan, on_step=kill_in_run_2)
+    # while a run trains, sweep.json names it and its (live) run folder
+    assert all(cur["label"] == label and cur["run_dir"] == info_dir for (label, cur), info_dir in
+               zip(live, [str(tmp_path / "sw" / "runs" / plan.runs[cur["run"] - 1].name) for _, cur in live]))
+    assert [cur["run"] for _, cur in live] == [1] * 8 + [2] * 3
     saved = load_sweep(tmp_path / "sw")
     assert saved["status"] == "stopped" and [r["optimizer"] for r in saved["rows"]] == ["EmoLynx"]
     first = saved["rows"][0]

@@ -36,8 +36,9 @@ class SweepResult:
 
 
 def load_sweep(folder) -> dict:
-    """DIR/sweep.json: {"status": running/finished/stopped, "plan": {...}, "rows": [...], "recommendation"},
-    also while the sweep runs (rows so far). Raises ConfigError when the folder holds no sweep."""
+    """DIR/sweep.json: {"status": running/finished/stopped, "plan": {...}, "rows": [...], "recommendation",
+    "current": {label, run_dir, run, runs} of the run in progress or null}, also while the sweep runs (rows so
+    far; the current run's folder has its live telemetry). Raises ConfigError when the folder holds no sweep."""
     path = Path(folder).expanduser() / SWEEP_FILE
     if not path.is_file():
         raise ConfigError(f"not a sweep folder (no {SWEEP_FILE}): {folder}")
@@ -52,9 +53,11 @@ def resume_plan(folder) -> SweepPlan:
     return plan_from_dict(load_sweep(folder)["plan"])
 
 
-def _write(plan: SweepPlan, status: str, rows: list, recommendation: str | None = None) -> None:
+def _write(plan: SweepPlan, status: str, rows: list, recommendation: str | None = None,
+           current: dict | None = None) -> None:
     atomic_write_json(plan.output_dir / SWEEP_FILE, {"status": status, "plan": plan.to_dict(), "rows": rows,
-                                                     "recommendation": recommendation, "updated_at": time.time()})
+                                                     "recommendation": recommendation, "current": current,
+                                                     "updated_at": time.time()})
 
 
 def _run_folder(plan: SweepPlan, spec) -> Path:
@@ -149,6 +152,8 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
                 log.info("sweep: resuming %s", folder)
             elif folder.exists():
                 shutil.rmtree(folder)  # killed before its first saved state: start it again
+            _write(plan, "running", rows, current={"label": spec.label, "run_dir": str(folder),
+                                                   "run": index + 1, "runs": total})
 
             def step_hook(info, _index=index, _steps_before=steps_before, _label=spec.label):
                 clock.step(_steps_before, info["step"])
