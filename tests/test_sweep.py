@@ -253,12 +253,24 @@ def test_a_run_that_diverges_is_a_row_not_the_end_of_the_sweep(tmp_path, monkeyp
 
     monkeypatch.setattr(build, "make_optimizer", make)
     base = tiny_config(tmp_path, steps=8, validation_split=0.34, validation_every=4)
-    res = run_sweep(plan_sweep(base, "AdamW,EmoLynx", steps=8, output_dir=tmp_path / "sw"))
-    adamw, lynx = res.rows
+    plan = plan_sweep(base, "AdamW,EmoLynx", steps=8, output_dir=tmp_path / "sw", seeds=2)
+    res = run_sweep(plan)
+    adamw, _, lynx, lynx2 = res.rows
     assert adamw["stop_reason"] == "diverged" and "AdamW diverged" in adamw["message"]
     assert lynx["stop_reason"] == "finished" and lynx["steps_done"] == 8
-    assert res.winner["optimizer"] == "EmoLynx" and res.recommendation.startswith("only candidate: EmoLynx")
-    assert "| AdamW | 0.0001 | raw | 1 |" in res.table_md and "diverged |" in res.table_md
+    assert res.winner is None or res.winner["optimizer"] == "EmoLynx"
+    assert res.recommendation.startswith("only candidate: EmoLynx")
+    assert "| AdamW | 0.0001 | raw | 2 |" in res.table_md and "diverged |" in res.table_md
+    # The second seed's data (another held-out image, another order) comes from the first seed's caches. A caption
+    # cached while the first seed trained was encoded in another batch than the standalone run encodes it in, and
+    # the text encoder's pooled output depends on the batch in the last bit: equal to float tolerance.
+    assert lynx2["seed"] == base.seed + 1
+    alone = standalone(plan.runs[3], tmp_path)
+    ta, tb = lora_tensors(lynx2["lora_path"]), lora_tensors(alone.lora_path)
+    assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-7) for k in ta)
+    got, want = val_losses(lynx2["run_dir"]), val_losses(alone.run_dir)
+    assert [s for s, _ in got] == [s for s, _ in want] == [0, 4, 8]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
 
 
 def test_a_folder_holding_another_sweep_is_refused_and_the_saved_plan_round_trips(tmp_path, monkeypatch):
