@@ -2,6 +2,7 @@
 the loss-withheld control, the report, and resume after a kill mid-sweep."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -11,8 +12,7 @@ from trainer import build
 from trainer.cli import main
 from trainer.config import OPTIMIZER_NAMES, ConfigError
 from trainer.runstore import RunReader
-from trainer.sweep import LOSS_READERS, load_sweep, parse_optimizer_list, plan_sweep, resume_plan, run_sweep
-from trainer.sweep import report
+from trainer.sweep import LOSS_READERS, load_sweep, parse_optimizer_list, plan_sweep, report, resume_plan, run_sweep
 from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,6 +47,16 @@ def test_parse_optimizer_list():
         parse_optimizer_list("EmoLynx,emolynx")
     with pytest.raises(ConfigError, match="at least one"):
         parse_optimizer_list(" , ")
+
+
+def test_importing_the_sweep_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, trainer.sweep; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+    assert out.stdout.strip() == "False"  # the panel reads sweep.json through it
 
 
 def test_loss_readers_are_the_optimizers_whose_step_reads_the_loss():
@@ -186,12 +196,19 @@ def test_sweep_resumes_after_a_kill_mid_sweep(tmp_path):
     base = tiny_config(tmp_path, steps=8, validation_split=0.34, validation_every=4)
     plan = plan_sweep(base, "EmoLynx,AdamW,EmoFact", steps=8, output_dir=tmp_path / "sw")
 
+    live = []
+
     def kill_in_run_2(info):
+        live.append((info["sweep_label"], load_sweep(tmp_path / "sw")["current"]))
         if info["sweep_run"] == 2 and info["step"] == 3:
             raise KeyboardInterrupt  # Ctrl-C: the run saves its state and the sweep stops
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(plan, on_step=kill_in_run_2)
+    # while a run trains, sweep.json names it and its (live) run folder
+    assert all(cur["label"] == label and cur["run_dir"] == info_dir for (label, cur), info_dir in
+               zip(live, [str(tmp_path / "sw" / "runs" / plan.runs[cur["run"] - 1].name) for _, cur in live]))
+    assert [cur["run"] for _, cur in live] == [1] * 8 + [2] * 3
     saved = load_sweep(tmp_path / "sw")
     assert saved["status"] == "stopped" and [r["optimizer"] for r in saved["rows"]] == ["EmoLynx"]
     first = saved["rows"][0]
@@ -216,8 +233,54 @@ def test_cli_sweep_prints_progress_table_and_recommendation(tmp_path, capsys):
                "--batch-size", "2", "--no-progress"])
     out = capsys.readouterr()
     assert rc == 0, out.err
-    assert "[sweep] run 1/2: EmoNavi lr=6e-05 raw seed=42" in out.err and "[sweep] run 2/2: AdamW" in out.err
+    assert "sweep: run 1/2: EmoNavi lr=6e-05 raw seed=42\n" in out.err
+    assert re.search(r"sweep: run 2/2: AdamW lr=0.0001 raw seed=42 \(sweep ETA [0-9.]+ min\)", out.err)
     assert "holding out 20%" in out.err
     assert "| EmoNavi | 6e-05 | raw | 1 |" in out.out and out.out.strip().splitlines()[-1].startswith("best: ")
     rows = load_sweep(tmp_path / "sw")["rows"]
     assert [r["steps_done"] for r in rows] == [3, 3] and all(r["lora_path"] for r in rows)
+
+
+@pytest.mark.slow
+def test_a_run_that_diverges_is_a_row_not_the_end_of_the_sweep(tmp_path, monkeypatch):
+    from test_train_divergence import PoisonedAdamW
+
+    real = build.make_optimizer
+
+    def make(cfg, params):  # AdamW's every update from the second on writes inf into the LoRA
+        return PoisonedAdamW(params, lambda calls: calls >= 2, lr=cfg.lr) if cfg.optimizer == "AdamW" \
+            else real(cfg, params)
+
+    monkeypatch.setattr(build, "make_optimizer", make)
+    base = tiny_config(tmp_path, steps=8, validation_split=0.34, validation_every=4)
+    plan = plan_sweep(base, "AdamW,EmoLynx", steps=8, output_dir=tmp_path / "sw", seeds=2)
+    res = run_sweep(plan)
+    adamw, _, lynx, lynx2 = res.rows
+    assert adamw["stop_reason"] == "diverged" and "AdamW diverged" in adamw["message"]
+    assert lynx["stop_reason"] == "finished" and lynx["steps_done"] == 8
+    assert res.winner is None or res.winner["optimizer"] == "EmoLynx"
+    assert res.recommendation.startswith("only candidate: EmoLynx")
+    assert "| AdamW | 0.0001 | raw | 2 |" in res.table_md and "diverged |" in res.table_md
+    # The second seed's data (another held-out image, another order) comes from the first seed's caches. A caption
+    # cached while the first seed trained was encoded in another batch than the standalone run encodes it in, and
+    # the text encoder's pooled output depends on the batch in the last bit: equal to float tolerance.
+    assert lynx2["seed"] == base.seed + 1
+    alone = standalone(plan.runs[3], tmp_path)
+    ta, tb = lora_tensors(lynx2["lora_path"]), lora_tensors(alone.lora_path)
+    assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-7) for k in ta)
+    got, want = val_losses(lynx2["run_dir"]), val_losses(alone.run_dir)
+    assert [s for s, _ in got] == [s for s, _ in want] == [0, 4, 8]
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-5)
+
+
+def test_a_folder_holding_another_sweep_is_refused_and_the_saved_plan_round_trips(tmp_path, monkeypatch):
+    from trainer.sweep import run as sweep_run
+
+    base = tiny_config(tmp_path)
+    a = plan_sweep(base, "EmoNavi,AdamW", steps=5, output_dir=tmp_path / "sw", loss_control=True, seeds=2)
+    sweep_run._write(a, "stopped", [])
+    again = resume_plan(tmp_path / "sw")
+    assert again.to_dict() == a.to_dict() and [r.cfg for r in again.runs] == [r.cfg for r in a.runs]
+    monkeypatch.setattr(build, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="holds another sweep"):
+        run_sweep(plan_sweep(base, "EmoNavi", steps=5, output_dir=tmp_path / "sw"))

@@ -147,3 +147,17 @@ def test_normalized_optimizer_loss_resumes_bit_identically(tmp_path):
     fed = [(r["step"], r["optimizer_loss"], r["ema_long"]) for r in steps_of(ref.run_dir)]
     assert fed == [(r["step"], r["optimizer_loss"], r["ema_long"]) for r in steps_of(resumed.run_dir)]
     assert len({round(f[1], 9) for f in fed}) > 1  # it is not a constant
+
+
+@pytest.mark.slow
+def test_normalized_loss_varies_less_than_raw_on_the_pretrained_tiny_base(tmp_path):
+    """On a base whose loss swings with the timestep as a trained model's does, the normalized loss the
+    optimizer gets has a lower per-step CV than the raw loss of the same steps."""
+    from conftest import require_module
+
+    pretrained = require_module("trainer.model.pretrained", "the pretrained tiny base (branch surfaces)")
+    cfg = tiny_config(tmp_path, steps=60, optimizer="EmoNavi", lr=1e-4, optimizer_loss="normalized")
+    result = train(cfg.replace(model=pretrained.pretrained_tiny_model_path()))
+    s = result.summary
+    assert s["loss_cv"] > 0.3  # the base's loss does swing with the timestep
+    assert s["optimizer_loss_cv"] < 0.75 * s["loss_cv"], s

@@ -6,9 +6,12 @@ Module map (what each module owns):
 - build.py: making the parts (scan, device/precision, model, run folder, network, data and caches, optimizer).
 - train.py: Trainer, the loop: micro-batches, the step's host read, the optimizer step, stop rules, saves.
 - losses.py: the training loss of a batch, the fixed-noise evaluation and validation losses.
-- rollback.py: the finiteness probe of the LoRA and the rollback of a non-finite update.
+- rollback.py: the finiteness probe of the LoRA (and the size of its last update) and the rollback of a
+  non-finite update.
 - offload.py: UNet block offloading (blocks streamed from pinned host memory by hooks); vram.py: the VRAM
   estimate made before the first step.
+- optimizer_loss.py: the loss handed to the optimizer when normalized (per-timestep-bucket EMAs); zones.py: which
+  zone of its optimizer a step was in (accelerate, brake, ...).
 - state.py: the resumable state file (state.pt); checkpoint.py: LoRA files and their kohya metadata.
 - telemetry.py: step records, memory, progress bar, TensorBoard, the run summary; samples.py: preview images.
 - devices.py: the run's device and precision; placement.py: which device and mode the model's modules are in;
@@ -23,6 +26,7 @@ Module map (what each module owns):
   models (random: tiny.py; UNet fine-tuned on the demo photos: pretrained.py); data/: dataset scan, validation
   split, masks, buckets, caches, the demo photos (demo.py).
 - optim/: the optimizers (one module each over shared mechanics).
+- sweep/: the optimizer sweep (plan, the shared model and caches, report, chart, the loop with resume).
 
 Kept import-light on purpose: ComfyUI imports this package at start-up, so heavy libraries
 (diffusers, transformers) are only imported inside the functions that need them.

@@ -251,14 +251,8 @@ def cmd_sweep(args) -> int:
         plan = plan_sweep(base, args.optimizers, seeds=args.seeds, loss_control=args.loss_control,
                           optimizer_loss_modes=modes, lr_scales=scales, steps=args.steps, output_dir=out,
                           lr=args.lr, explicit=explicit)
-    show = not args.no_progress and sys.stderr.isatty()
-
-    def progress(done, total, eta, label):
-        if label is not None:
-            print(f"[sweep] run {done + 1}/{total}: {label}" + (f", ETA {eta / 60:.1f} min" if eta else ""),
-                  file=sys.stderr, flush=True)
-
-    result = run_sweep(plan, on_progress=progress, progress_bar=show)
+    # progress: the sweep logs each run's start with the sweep's ETA; a bar per run on a terminal
+    result = run_sweep(plan, progress_bar=not args.no_progress and sys.stderr.isatty())
     print(result.table_md)
     print(f"sweep: {plan.output_dir} (sweep.md, sweep.json, sweep.png)")
     print(result.recommendation)
@@ -295,6 +289,15 @@ def _print_summary(result) -> None:
         lines.append(validation_line(s))
     if "emo_scalar_min" in s:
         lines.append(f"emo_scalar: {s['emo_scalar_min']:+.4f} .. {s['emo_scalar_max']:+.4f}")
+    if s.get("loss_cv") is not None:
+        fed = s.get("optimizer_loss_cv")
+        line = f"per-step loss CV {s['loss_cv']:.3f}" + (
+            f" (the optimizer's loss: {fed:.3f})" if fed is not None and fed != s["loss_cv"] else "")
+        if s.get("update_ratio") is not None:
+            line += f"; update/weight ratio {s['update_ratio']:.2g} a step"
+        if s.get("zones"):
+            line += "; zones: " + ", ".join(f"{z} {v:.0%}" for z, v in s["zones"].items())
+        lines.append(line)
     if "emo_pulse_min" in s:
         lines.append(f"emo_pulse: {s['emo_pulse_min']:.3g} .. {s['emo_pulse_max']:.3g}")
     speed = f"{s['steps_per_s']:.2f} steps/s" if s.get("steps_per_s") else ""

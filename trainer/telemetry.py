@@ -65,8 +65,8 @@ def step_record(cfg, run: RunSetup, loop: LoopState, step_times, *, loss: float,
 # "Is it training at all?": the mean update/weight ratio (|LoRA update| / |LoRA| per step) over the first 5% of
 # the steps (at least 20) below which a run is said to have barely moved its LoRA: about 1/100 of what AdamW
 # at 1e-4 moves it. Measured on the tiny SDXL (benchmarks/update_ratio.py, docs/sweep.md), first 20 steps: AdamW
-# at 1e-4 1.1e-3 a step, the Emo optimizers at their presets 1.5e-3 .. 3.4e-3, AutoTrustGO at its preset 1e-4
-# 3.8e-6.
+# at 1e-4 1.1e-3 a step, the Emo optimizers at their presets 7.5e-4 .. 3.4e-3, AutoTrustGO at its preset 1e-4
+# 3.5e-6.
 BARELY_MOVING = 1e-5
 
 

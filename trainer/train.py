@@ -382,6 +382,8 @@ class Trainer:
         self.loop.epoch, self.loop.batch_in_epoch, rng = self._step_start
         set_rng_state(rng)
         self.built.optimizer.zero_grad(set_to_none=True)
+        if self._draws:
+            self._draws.clear()  # the partial step's per-sample losses: it is redone on resume
         self._step_start = None
 
     def micro_batch_loss(self, batch, micro: int) -> torch.Tensor:

@@ -42,7 +42,7 @@ def draw(curves: list, path) -> str:
     x0, x1, y0, y1 = PAD_L, W - PAD_R, PAD_T, H - PAD_B
     d.rectangle([x0, y0, x1, y1], outline=(0, 0, 0))
     d.text((x0, H - 18), "step", fill=(0, 0, 0))
-    d.text((4, y0), "validation loss", fill=(0, 0, 0))
+    d.text((x0 + 4, 4), "validation loss", fill=(0, 0, 0))
     if pts:
         smax = max(1, max(s for s, _ in pts))
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)

@@ -83,10 +83,12 @@ class SweepPlan:
 
 
 def plan_from_dict(d: dict) -> SweepPlan:
-    return plan_sweep(TrainConfig(**d["base"]), d["optimizers"], seeds=d["seeds"], loss_control=d["loss_control"],
+    plan = plan_sweep(TrainConfig(**d["base"]), d["optimizers"], seeds=d["seeds"], loss_control=d["loss_control"],
                       optimizer_loss_modes=tuple(d["optimizer_loss_modes"]), lr_scales=tuple(d["lr_scales"]),
                       steps=d["steps"], output_dir=d["output_dir"], lr=d.get("lr"), explicit=d.get("explicit"),
                       check_data=False)
+    plan.notes = list(d.get("notes") or [])
+    return plan
 
 
 def _fmt(x: float) -> str:

@@ -1,6 +1,6 @@
 """Running a sweep: its runs one after another over one loaded model, sweep.json after every run, the
 report at the end, and --resume of a stopped or killed sweep (finished runs kept, the interrupted one resumed
-from its saved state)."""
+from its saved state). Importing it (load_sweep, for the panel) loads no torch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..atomic import atomic_write_json, atomic_write_text
 from ..config import ConfigError
-from ..state import STATE_FILE
 from . import chart, report
 from .plan import SweepPlan, plan_from_dict
 
@@ -37,8 +36,9 @@ class SweepResult:
 
 
 def load_sweep(folder) -> dict:
-    """DIR/sweep.json: {"status": running/finished/stopped, "plan": {...}, "rows": [...], "recommendation"},
-    also while the sweep runs (rows so far). Raises ConfigError when the folder holds no sweep."""
+    """DIR/sweep.json: {"status": running/finished/stopped, "plan": {...}, "rows": [...], "recommendation",
+    "current": {label, run_dir, run, runs} of the run in progress or null}, also while the sweep runs (rows so
+    far; the current run's folder has its live telemetry). Raises ConfigError when the folder holds no sweep."""
     path = Path(folder).expanduser() / SWEEP_FILE
     if not path.is_file():
         raise ConfigError(f"not a sweep folder (no {SWEEP_FILE}): {folder}")
@@ -53,9 +53,11 @@ def resume_plan(folder) -> SweepPlan:
     return plan_from_dict(load_sweep(folder)["plan"])
 
 
-def _write(plan: SweepPlan, status: str, rows: list, recommendation: str | None = None) -> None:
+def _write(plan: SweepPlan, status: str, rows: list, recommendation: str | None = None,
+           current: dict | None = None) -> None:
     atomic_write_json(plan.output_dir / SWEEP_FILE, {"status": status, "plan": plan.to_dict(), "rows": rows,
-                                                     "recommendation": recommendation, "updated_at": time.time()})
+                                                     "recommendation": recommendation, "current": current,
+                                                     "updated_at": time.time()})
 
 
 def _run_folder(plan: SweepPlan, spec) -> Path:
@@ -107,6 +109,7 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
     eta_s, current_label) at each run's start and at the end; on_step(info) is each run's step callback (info
     also has sweep_run, sweep_runs, sweep_eta_s and sweep_label). stop_event: the current run saves and stops
     at its next step boundary, and the sweep ends as "stopped" (resume it later)."""
+    from ..state import STATE_FILE
     from .session import SharedModel, SweepTrainer
 
     stop_event = stop_event or threading.Event()
@@ -115,6 +118,9 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
     rows = []
     if (out / SWEEP_FILE).is_file():
         saved = load_sweep(out)
+        if saved.get("plan") != json.loads(json.dumps(plan.to_dict(), sort_keys=True, default=str)):
+            raise ConfigError(f"{out} holds another sweep (other optimizers or options): continue it with "
+                              "--resume, or choose another output folder")
         labels = {r.label for r in plan.runs}
         rows = [r for r in saved.get("rows", []) if r.get("label") in labels]
     done = {r["label"] for r in rows}
@@ -126,7 +132,7 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
     shared = SharedModel()
     status = "finished"
     try:
-        for i, spec in enumerate(plan.runs):
+        for spec in plan.runs:
             if spec.label in done:
                 continue
             if stop_event.is_set():
@@ -146,6 +152,8 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
                 log.info("sweep: resuming %s", folder)
             elif folder.exists():
                 shutil.rmtree(folder)  # killed before its first saved state: start it again
+            _write(plan, "running", rows, current={"label": spec.label, "run_dir": str(folder),
+                                                   "run": index + 1, "runs": total})
 
             def step_hook(info, _index=index, _steps_before=steps_before, _label=spec.label):
                 clock.step(_steps_before, info["step"])
@@ -163,6 +171,9 @@ def run_sweep(plan: SweepPlan, *, stop_event: threading.Event | None = None, on_
                 status = "stopped"
                 raise
             except Exception as e:  # one run's failure is a row, not the end of the sweep
+                if trainer.stop_reason == "interrupted":  # the host's step callback raised (e.g. a cancel)
+                    status = "stopped"
+                    raise
                 if isinstance(e, ConfigError) and shared.loaded is None:
                     raise  # bad input found by the first run's setup: every run would fail the same way
                 error = f"{type(e).__name__}: {e}"

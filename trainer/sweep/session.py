@@ -39,6 +39,13 @@ class SweepTrainer(Trainer):
         super().__init__(config, **kw)
         self.shared = shared
 
+    def setup(self):
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats()  # each row's peak is its own run's (the model stays resident)
+        return super().setup()
+
     def load_model(self, rt):
         if self.shared.loaded is None:
             self.shared.loaded = super().load_model(rt)
