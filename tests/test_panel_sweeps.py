@@ -69,8 +69,8 @@ def test_table_and_curves_of_a_real_sweep(output):
 
 def test_start_form_builds_the_sweep_command_and_checks_it_first(output, tmp_path):
     from _trainer_helpers import make_dataset
-
     from emolora.trainer.config import ConfigError  # the pack's own trainer, as the panel imports it
+
     from trainer.model import tiny_model_path
 
     root = PanelRoot(output)
@@ -92,7 +92,7 @@ def test_start_form_builds_the_sweep_command_and_checks_it_first(output, tmp_pat
             sweeps.build_command(root, [], overrides, "bad", **kw)
     assert not (output / "sweeps" / "bad").exists()
     one = make_dataset(tmp_path / "one", n=1)
-    with pytest.raises(ConfigError, match="validation_split needs at least 2 images"):
+    with pytest.raises(ValueError, match="validation_split needs at least 2 images"):
         sweeps.build_command(root, [], {**overrides, "data": str(one)}, "bad", optimizers="EmoNavi", seeds=1,
                              loss_control=False, optimizer_loss="raw")
 
