@@ -10,7 +10,6 @@ that the optimizer is handed, at each resolution and batch size asked for. Rando
 """
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile

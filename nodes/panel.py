@@ -43,6 +43,13 @@ def default_runs_dir() -> str:
     return path
 
 
+def default_output_dir() -> str:
+    """The panel's output folder inside ComfyUI: <ComfyUI output>/emolora, holding the Trainer node's runs/ and the
+    Optimizer Sweep node's sweeps/ (the panel shows both)."""
+    default_runs_dir()
+    return os.path.join(_comfy_folders()[0], "emolora")
+
+
 def current_url() -> str | None:
     from ..web import panel
 
@@ -61,9 +68,9 @@ def ensure_panel() -> str:
     _, models, datasets = _comfy_folders()
     options = dict(host="127.0.0.1", model_roots=models, data_roots=datasets)
     try:
-        url = panel.launch(default_runs_dir(), port=panel.DEFAULT_PORT, **options)
+        url = panel.launch(default_output_dir(), port=panel.DEFAULT_PORT, **options)
     except OSError:  # 7861 is taken (another ComfyUI, a CLI panel): Gradio picks a free port from 7860 up
-        url = panel.launch(default_runs_dir(), port=None, **options)
+        url = panel.launch(default_output_dir(), port=None, **options)
     log.info("EmoLoRA panel at %s", url)
     return url
 

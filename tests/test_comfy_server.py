@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "example_workflows" / "emolora_train_then_sample.json"
 NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA",
-            "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel")
+            "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel", "EmoLoRA_Sweep")
 STEPS = 2
 RES = 128  # the cheapest size that still exercises buckets, the VAE and every UNet level
 
@@ -150,6 +150,12 @@ def test_object_info_lists_every_node(object_info):
     assert ld["input"]["required"]["lora_name"][1].get("forceInput") is True
     assert ld["output"] == ["MODEL", "CLIP"]
     assert object_info["EmoLoRA_TelemetryPlot"]["output"] == ["IMAGE"]
+    sw = object_info["EmoLoRA_Sweep"]
+    req = sw["input"]["required"]
+    assert req["dataset"][0] == "EMOLORA_DATASET" and H.CHECKPOINT_NAME in req["ckpt_name"][1]["options"]
+    for key in ("optimizers", "steps", "loss_control", "seeds"):
+        assert key in req, key
+    assert sw["output"] == ["EMOLORA_OPTIMIZER", "IMAGE", "STRING", "STRING"]  # the Trainer's optimizer type
 
 
 def test_extension_and_templates_are_served(comfy):
@@ -306,3 +312,88 @@ def test_panel_route_starts_the_panel_once_on_loopback(comfy):
         assert r.status == 200
     code2, body2 = comfy.post_json("/emolora/panel", {}, timeout=60)
     assert code2 == 200 and body2["url"] == url  # once per process
+
+
+# ---- the Optimizer Sweep node (tiny model: a sweep is several trainings) -------------------------------------
+TINY_NAME = "emolora_tiny.safetensors"
+
+
+def install_tiny(comfy) -> str:
+    """The tiny checkpoint and its tokenizer folder, linked into models/checkpoints (the loader finds the folder
+    beside the file it is given)."""
+    from trainer.model import clip_tokenizers, tiny_model_path
+
+    src = tiny_model_path()
+    link = comfy.comfy / "models" / "checkpoints" / TINY_NAME
+    if not link.exists():
+        Path(clip_tokenizers.sidecar_dir(str(link))).symlink_to(clip_tokenizers.sidecar_dir(src),
+                                                                target_is_directory=True)
+        link.symlink_to(src)
+    return TINY_NAME
+
+
+@pytest.fixture(scope="session")
+def demo_photos(tmp_path_factory):
+    from trainer.data.demo import demo_dataset
+
+    return str(demo_dataset(tmp_path_factory.mktemp("demo")))
+
+
+def sweep_prompt(*, data: str, ckpt: str, optimizers: str, steps: int, name: str, train_steps: int = 1) -> dict:
+    """Dataset -> Optimizer Sweep -> Trainer (the sweep's optimizer output is the Trainer's optimizer)."""
+    prompt = trainer_only_prompt(data=data, ckpt=ckpt, steps=train_steps, output_name=f"{name}_winner")
+    del prompt["1"]  # the Optimizer node: the sweep provides the spec
+    prompt["2"]["inputs"].update(resolution=64, bucket_step=32)
+    prompt["3"]["inputs"]["optimizer"] = ["5", 0]
+    prompt["5"] = {"class_type": "EmoLoRA_Sweep", "inputs": {
+        "ckpt_name": ckpt, "dataset": ["2", 0], "optimizers": optimizers, "steps": steps, "loss_control": False,
+        "seeds": 1, "rank": 4, "sweep_name": name}}
+    return prompt
+
+
+def test_sweep_node_runs_and_its_winner_trains_in_the_trainer_node(comfy, demo_photos):
+    ckpt = install_tiny(comfy)
+    prompt = sweep_prompt(data=demo_photos, ckpt=ckpt, optimizers="EmoNavi,AdamW", steps=2, name="e2e_sweep")
+    run = comfy.run_prompt(prompt, timeout=1500)
+    assert run.status == 200, run.response
+    assert run.outcome == "execution_success", (run.of_type("execution_error"), comfy.log_tail())
+    bar = [p for p in run.of_type("progress") if str(p.get("node")) == "5"]
+    assert bar and {p["max"] for p in bar} == {4} and bar[-1]["value"] == 4  # one bar: 2 runs x 2 steps
+    assert [e["status"] for e in run.of_type("emolora.sweep")][-1] == "finished"
+    folder = comfy.comfy / "output" / "emolora" / "sweeps" / "e2e_sweep_00001"
+    saved = json.loads((folder / "sweep.json").read_text())
+    assert saved["status"] == "finished" and [r["optimizer"] for r in saved["rows"]] == ["EmoNavi", "AdamW"]
+    assert (folder / "sweep.png").is_file() and (folder / "sweep.md").is_file()
+    text = run.history()["outputs"]["5"]["text"][0]
+    assert text.startswith(f"2 of 2 runs (finished): {folder}") and "| EmoNavi |" in text
+    best = min(saved["rows"], key=lambda r: r["val_loss_end"])
+    lora = comfy.loras_dir / "e2e_sweep_winner_00001.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "pt") as f:
+        meta = f.metadata()
+    assert meta["emolora_optimizer"] == best["optimizer"] and float(meta["ss_learning_rate"]) == best["lr"]
+
+
+def test_cancel_stops_the_sweep_and_keeps_what_finished(comfy, demo_photos):
+    """Cancel in the second run: the first run's row stays, the second stops at a step boundary, resumable."""
+    ckpt = install_tiny(comfy)
+    sent = []
+
+    def on_event(run, ev):
+        data = ev.get("data") or {}
+        if ev.get("type") == "progress" and str(data.get("node")) == "5" and data.get("value", 0) > 20 and not sent:
+            sent.append(data["value"])
+            comfy.interrupt()
+
+    prompt = sweep_prompt(data=demo_photos, ckpt=ckpt, optimizers="AdamW,EmoNavi", steps=20, name="cancelled_sweep")
+    run = comfy.run_prompt(prompt, timeout=1500, on_event=on_event)
+    assert sent, "no progress event in the second run"
+    assert run.outcome == "execution_interrupted", (run.of_type("execution_error"), comfy.log_tail())
+    folder = comfy.comfy / "output" / "emolora" / "sweeps" / "cancelled_sweep_00001"
+    saved = json.loads((folder / "sweep.json").read_text())
+    assert saved["status"] == "stopped" and [r["optimizer"] for r in saved["rows"]] == ["AdamW"]
+    assert [e["status"] for e in run.of_type("emolora.sweep")][-1] == "stopped"
+    second = [d for d in (folder / "runs").iterdir() if "EmoNavi" in d.name]
+    assert second and (second[0] / "state").is_dir()  # saved at the step boundary: `sweep --resume` continues it
+    assert not list(comfy.loras_dir.glob("cancelled_sweep_winner*"))  # the Trainer after it never ran

@@ -292,3 +292,47 @@ def test_overlay_by_clicking(panel, page):
     page.goto(panel[1] + "?run=overlay-me")
     _wait(lambda: _panel_step(page, "overlay-me") == 5, 30, "the linked run")
     assert not page.locator("#emolora-follow input[type=checkbox]").is_checked()
+
+
+def test_sweep_started_from_the_form_shows_live_in_the_sweep_view(panel, page):
+    """Start a real small sweep from the start form (AdamW and EmoNavi, 3 steps each, tiny model); the sweep view
+    shows it running, then its table (one row per run, the recommendation) and both runs' validation curves."""
+    out, url, datasets = panel
+    from trainer.model import tiny_model_path
+
+    make_dataset(datasets / "sweep-photos", n=5)  # 20% held out for validation: one image
+    page.goto(url)  # the form's folder choices are read at page load
+    page.wait_for_selector("#emolora-step")
+    page.get_by_text("Start a run").click()
+    _choose(page, "emolora-f-model", str(Path(tiny_model_path()).resolve()))
+    _choose(page, "emolora-f-dataset", str(datasets.resolve() / "sweep-photos"))
+    for field, value in (("steps", "3"), ("resolution", "64"), ("rank", "4")):
+        page.locator(f"#emolora-f-{field} input").fill(value)
+    page.locator("#emolora-f-name textarea, #emolora-f-name input").first.fill("clicked-sweep")
+    page.locator("#emolora-f-sweep-optimizers textarea, #emolora-f-sweep-optimizers input").first.fill("AdamW,EmoNavi")
+    page.locator("#emolora-start-sweep").click()
+    message = page.locator("#emolora-start-message")
+    _wait(lambda: "started sweep clicked-sweep" in message.inner_text(), 30, "the form to start the sweep",
+          shown=message.inner_text)
+    folder = out / "sweeps" / "clicked-sweep"
+    progress = page.locator("#emolora-sweep-progress")
+    seen = set()
+
+    def finished() -> bool:
+        if progress.count():
+            seen.add(progress.get_attribute("data-status"))
+        return progress.count() and progress.get_attribute("data-status") == "finished"
+
+    _wait(finished, 300, "the sweep view to show the sweep finished",
+          shown=lambda: (folder / "sweep.json").read_text()[-2000:] if (folder / "sweep.json").exists() else
+          (out / "panel-logs" / "sweep-clicked-sweep.log").read_text()[-2000:])
+    assert "running" in seen  # shown while it ran, not only at the end
+    doc = json.loads((folder / "sweep.json").read_text())
+    assert doc["status"] == "finished" and [r["optimizer"] for r in doc["rows"]] == ["AdamW", "EmoNavi"]
+    assert progress.get_attribute("data-done") == progress.get_attribute("data-total") == "2"
+    assert page.locator("#emolora-sweep-rows tbody tr").count() == 2
+    assert doc["recommendation"] in page.locator("#emolora-sweep-recommendation").inner_text()
+    chart = page.locator("#emolora-sweep-chart svg")
+    _wait(lambda: chart.locator("polyline").count() == 2, 15, "both runs' validation curves")
+    assert {chart.locator("polyline").nth(i).get_attribute("data-series") for i in range(2)} == {"AdamW", "EmoNavi"}
+    assert page.external_requests == []

@@ -1,4 +1,5 @@
-"""The Gradio app: run list, live charts, controls, samples and downloads, and a form to start runs.
+"""The Gradio app: run list, live charts, controls, samples and downloads, the optimizer sweeps (sweeps.py), and a
+form to start runs and sweeps.
 
 Everything a browser can ask for goes through PanelRoot: a run is a folder name under runs/, a file is served
 only from inside the output folder, and only once the panel offers it (never a run's state or telemetry
@@ -21,7 +22,7 @@ import gradio as gr  # noqa: E402
 
 from ...trainer import runstore  # noqa: E402
 from ...trainer.config import OPTIMIZER_NAMES, ConfigError  # noqa: E402
-from . import data, form, launcher, plots  # noqa: E402
+from . import data, form, launcher, plots, sweeps  # noqa: E402
 from .paths import PanelRoot, PathError, Roots  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -43,6 +44,7 @@ class PanelApp:
         self.cache = data.RunCache()
         self._runs, self._runs_at = [], 0.0
         self._served: list = []  # Gradio's allowed_paths once launched: exactly the files offered
+        self.sweep_view = sweeps.SweepView(self.root)
 
     def serve_with(self, demo) -> None:
         """Gradio's file route serves what is in demo.allowed_paths: from now on, the files this panel offers."""
@@ -170,6 +172,50 @@ class PanelApp:
         launcher.start(self.root, cmd, name)
         return (f"started `{name}` in the background (log: panel-logs/{name}.log); the panel follows it",
                 gr.update(value=True))
+
+    SWEEP_FORM = ("sweep_optimizers", "sweep_seeds", "sweep_loss_control", "sweep_optimizer_loss")
+
+    def start_sweep(self, *values) -> tuple:
+        """The form's values (FORM order, then SWEEP_FORM) -> a background `python -m trainer sweep` into
+        sweeps/<name>; (message, the sweep view's state: follow the newest sweep)."""
+        v = dict(zip(self.FORM + self.SWEEP_FORM, values))
+        sweep = {k: v.pop(k) for k in self.SWEEP_FORM}
+        base = launcher.safe_run_name(v.pop("name"), f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+        name, n = base, 1
+        while (self.root.root / sweeps.SWEEPS / name).exists():
+            n += 1
+            name = f"{base}-{n}"
+        try:
+            presets, overrides = form.run_options(self.model_roots, self.data_roots, **v)
+            cmd = sweeps.build_command(self.root, presets, overrides, name,
+                                       optimizers=sweep["sweep_optimizers"] or "",
+                                       seeds=int(sweep["sweep_seeds"] or 1),
+                                       loss_control=bool(sweep["sweep_loss_control"]),
+                                       optimizer_loss=sweep["sweep_optimizer_loss"] or "raw")
+        except (PathError, ConfigError, ValueError, TypeError) as e:
+            return f"⚠ {e}", gr.skip()
+        launcher.start(self.root, cmd, f"sweep-{name}")
+        return (f"started sweep `{name}` in the background (log: panel-logs/sweep-{name}.log); the sweep view "
+                f"follows it", {})
+
+    # ---- the sweep view ----------------------------------------------------------------------------------------
+    def sweep_tick(self, current, st):
+        """The sweep list, and the chosen sweep's table and curves (sent only when something changed). Until the
+        user picks one, the newest sweep is shown."""
+        st = dict(st or {})
+        names = sweeps.list_sweeps(self.root)
+        name = current if st.get("picked") and current in names else (names[0] if names else None)
+        out_choices = gr.update(choices=names, value=name) if (tuple(names), name) != st.get("choices") \
+            else gr.skip()
+        st["choices"] = (tuple(names), name)
+        table, chart, version = self.sweep_view.render(name)
+        if version is None or version != st.get("version"):
+            st["version"] = version
+            return out_choices, table, chart, st
+        return out_choices, gr.skip(), gr.skip(), st
+
+    def pick_sweep(self, current, st):
+        return self.sweep_tick(current, {**(st or {}), "picked": True})
 
     SHOWN = ("steps", "resolution", "rank", "network", "dora", "rslora", "validation_split", "validation_every",
              "auto_stop_on", "mask", "lr", "args_text", "note")
@@ -362,6 +408,7 @@ class PanelApp:
             with gr.Row():
                 gallery = gr.Gallery(label="Samples", visible=False, columns=4, height=260, elem_id="emolora-samples")
                 files = gr.File(label="LoRA files", file_count="multiple", interactive=False, elem_id="emolora-files")
+            sweep = self._sweep_view()
             f = self._start_form()
             timer = gr.Timer(1.0)
 
@@ -378,10 +425,28 @@ class PanelApp:
             save_btn.click(self.request_save, run, action, show_progress="hidden")
             resume_btn.click(self.resume_run, run, [action, follow], show_progress="hidden")
             f["start"].click(self.start_run, [f[k] for k in self.FORM + self.LAUNCH], [f["message"], follow])
+            sweep_out = [sweep["name"], sweep["table"], sweep["chart"], sweep["state"]]
+            timer.tick(self.sweep_tick, [sweep["name"], sweep["state"]], sweep_out, show_progress="hidden",
+                       queue=True, concurrency_limit=4)
+            demo.load(self.sweep_tick, [sweep["name"], sweep["state"]], sweep_out, show_progress="hidden")
+            sweep["name"].input(self.pick_sweep, [sweep["name"], sweep["state"]], sweep_out, show_progress="hidden")
+            f["start_sweep"].click(self.start_sweep, [f[k] for k in self.FORM + self.SWEEP_FORM],
+                                   [f["message"], sweep["state"]])
             for chooser in (f["preset"], f["optimizer"]):
                 chooser.input(self.form_defaults, [f["preset"], f["optimizer"]], [f[k] for k in self.SHOWN])
             demo.load(self.form_choices, None, [f["model"], f["dataset"], f["validation_data"]])
         return demo
+
+    @staticmethod
+    def _sweep_view() -> dict:
+        """The optimizer sweeps: which one, its progress, recommendation and table, its validation curves."""
+        v = {"state": gr.State({})}
+        with gr.Accordion("Optimizer sweeps", open=True, elem_id="emolora-sweeps"):
+            v["name"] = gr.Dropdown(label="Sweep (sweeps/ in the output folder)", choices=[], value=None,
+                                    elem_id="emolora-sweep")
+            v["table"] = gr.HTML(elem_id="emolora-sweep-table")
+            v["chart"] = gr.HTML(elem_id="emolora-sweep-chart", elem_classes="emolora-plot")
+        return v
 
     def _start_form(self) -> dict:
         """The 'Start a run' form: its components by name (FORM order, plus note, start and message)."""
@@ -434,6 +499,21 @@ class PanelApp:
             f["gpus"] = gr.Number(label="GPUs (processes under torchrun; global batch = batch x GPUs)", value=1,
                                   precision=0, minimum=1, elem_id="emolora-f-gpus")
             f["start"] = gr.Button("Start training", variant="primary", elem_id="emolora-start")
+            gr.Markdown("**Or compare optimizers on these settings** (an optimizer sweep: each optimizer at its own "
+                        "preset LR, ranked by the held-out validation loss; without a validation split or folder, "
+                        "20% of the images are held out)")
+            with gr.Row():
+                f["sweep_optimizers"] = gr.Textbox(label="Optimizers (comma list, 'all' or 'emo')",
+                                                   value="EmoNavi,EmoSens,AdamW", scale=3,
+                                                   elem_id="emolora-f-sweep-optimizers")
+                f["sweep_seeds"] = gr.Number(label="Seeds", value=1, precision=0, minimum=1,
+                                             elem_id="emolora-f-sweep-seeds")
+                f["sweep_loss_control"] = gr.Checkbox(label="Loss control (also run each loss-reading optimizer "
+                                                            "without the loss)", value=False,
+                                                      elem_id="emolora-f-sweep-loss-control")
+                f["sweep_optimizer_loss"] = gr.Dropdown(label="Loss fed", choices=["raw", "normalized", "both"],
+                                                        value="raw", elem_id="emolora-f-sweep-optimizer-loss")
+            f["start_sweep"] = gr.Button("Start sweep", elem_id="emolora-start-sweep")
             f["message"] = gr.Markdown(elem_id="emolora-start-message")
         return f
 
