@@ -13,6 +13,8 @@ NODE_MODULES = (
     ("optimizer", "EmoLoRAOptimizer", None),
     ("dataset", "EmoLoRADataset", None),
     ("trainer_node", "EmoLoRATrainer", None),
+    ("training_options", "EmoLoRATrainingOptions", None),
+    ("trainer_legacy", "EmoLoRATrainerLegacy", None),
     ("lora_loader", "EmoLoRALoadTrainedLoRA", None),
     ("telemetry_node", "EmoLoRATelemetryPlot", None),
     ("panel", "EmoLoRAPanel", "unavailable_reason"),

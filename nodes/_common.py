@@ -17,6 +17,7 @@ PREFIX = "EmoLoRA_"
 TELEMETRY_EVENT = "emolora.telemetry"
 OPTIMIZER_TYPE = "EMOLORA_OPTIMIZER"
 DATASET_TYPE = "EMOLORA_DATASET"
+OPTIONS_TYPE = "EMOLORA_TRAINING_OPTIONS"
 PACK_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -120,6 +121,17 @@ class DatasetSpec:
 
     def overrides(self) -> dict:
         return {"data": self.folder, **{k: json.loads(v) for k, v in self.settings}}
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """What the Training Options node hands the Trainer: its widget values by name (as the widgets hold them; the
+    Trainer maps them to TrainConfig with training.widgets_to_config)."""
+
+    settings: tuple = ()  # sorted (widget name, json-encoded value) pairs
+
+    def values(self) -> dict:
+        return {k: json.loads(v) for k, v in self.settings}
 
 
 # ---- ComfyUI host access (lazy) --------------------------------------------------------------------------------

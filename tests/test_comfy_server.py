@@ -14,7 +14,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "example_workflows" / "emolora_train_then_sample.json"
-NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA",
+DATA = ROOT / "tests" / "data"  # workflows saved with the v0.1.0 Trainer (before the Trainer/Options split)
+NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_SDXLTrainer", "EmoLoRA_TrainingOptions",
+            "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA",
             "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel")
 STEPS = 2
 RES = 128  # the cheapest size that still exercises buckets, the VAE and every UNet level
@@ -45,15 +47,28 @@ def dataset_dir(tmp_path_factory):
     return root
 
 
+def widget_defaults(object_info, node_id: str) -> dict:
+    """A node's required widget inputs at their schema defaults (a combo's first option)."""
+    out = {}
+    for name, spec in object_info[node_id]["input"]["required"].items():
+        opts = spec[1] if len(spec) > 1 else {}
+        out[name] = opts.get("default", spec[0][0] if isinstance(spec[0], list) else opts.get("options", [None])[0])
+    return out
+
+
 def example_prompt(object_info, *, data: str, ckpt: str = H.CHECKPOINT_NAME, steps: int = STEPS,
                    output_name: str = "e2e") -> dict:
     """The example workflow as shipped, made cheap: 128 px, two steps, no in-training sample (the browser test
-    shows one on the node; a sample costs as much as a step here: the text encoders run)."""
+    shows one on the node; a sample costs as much as a step here: the text encoders run), and a Training Options
+    node at its defaults but without gradient checkpointing."""
     prompt = H.workflow_to_prompt(json.loads(EXAMPLE.read_text()), object_info)
     by_type = {v["class_type"]: (k, v) for k, v in prompt.items()}
     by_type["EmoLoRA_Dataset"][1]["inputs"].update(folder=data, resolution=RES)
-    by_type["EmoLoRA_Trainer"][1]["inputs"].update(ckpt_name=ckpt, steps=steps, output_name=output_name, rank=4,
-                                                   sample_every=0, gradient_checkpointing=False)
+    prompt["90"] = {"class_type": "EmoLoRA_TrainingOptions",
+                    "inputs": {**widget_defaults(object_info, "EmoLoRA_TrainingOptions"),
+                               "gradient_checkpointing": False, "precision": "fp32"}}
+    by_type["EmoLoRA_SDXLTrainer"][1]["inputs"].update(ckpt_name=ckpt, steps=steps, output_name=output_name, rank=4,
+                                                       sample_every=0, options=["90", 0])
     by_type["CheckpointLoaderSimple"][1]["inputs"]["ckpt_name"] = ckpt
     by_type["KSampler"][1]["inputs"].update(steps=1)
     by_type["EmptyLatentImage"][1]["inputs"].update(width=RES, height=RES)
@@ -125,19 +140,32 @@ def test_object_info_lists_every_node(object_info):
     ds = object_info["EmoLoRA_Dataset"]
     assert ds["output"] == ["EMOLORA_DATASET", "INT"]
     assert ds["input"]["optional"]["images"][0] == "IMAGE"
-    tr = object_info["EmoLoRA_Trainer"]
+    tr = object_info["EmoLoRA_SDXLTrainer"]
     req = tr["input"]["required"]
     assert req["dataset"][0] == "EMOLORA_DATASET" and req["optimizer"][0] == "EMOLORA_OPTIMIZER"
+    assert tr["input"]["optional"]["options"][0] == "EMOLORA_TRAINING_OPTIONS"
+    assert tr["input_order"]["required"] == ["ckpt_name", "dataset", "optimizer", "preset", "network", "rank",
+                                             "steps", "sample_prompts", "sample_every", "output_name"]
     assert H.CHECKPOINT_NAME in req["ckpt_name"][1]["options"]
-    for key in ("rank", "alpha", "conv_rank", "train_text_encoder", "steps", "batch_size", "grad_accum", "precision",
-                "gradient_checkpointing", "seed", "auto_stop", "save_every", "output_name", "sample_every",
-                "sample_size", "sample_steps", "dora", "rslora"):
-        assert key in req, key
+    opts = object_info["EmoLoRA_TrainingOptions"]
+    assert opts["output"] == ["EMOLORA_TRAINING_OPTIONS"]
+    for key in ("alpha", "conv_rank", "train_text_encoder", "batch_size", "grad_accum", "precision",
+                "gradient_checkpointing", "seed", "auto_stop", "save_every", "sample_size", "sample_steps", "dora",
+                "rslora", "network_weights", "auto_stop_on", "validation_every", "val_patience", "compile", "tucker"):
+        assert key in opts["input"]["required"], key
+    legacy = object_info["EmoLoRA_Trainer"]  # v0.1.0: every widget, same order, hidden from the search
+    assert legacy["deprecated"] is True and tr.get("deprecated") is not True
+    saved = json.loads((DATA / "trainer_v0.1.0_prompt.json").read_text())["3"]["inputs"]
+    widgets = [k for k, v in saved.items() if not isinstance(v, list)]  # the API format puts links last
+    order = [*legacy["input_order"]["required"], *legacy["input_order"].get("optional", [])]
+    assert order[:len(saved)] == [widgets[0], "dataset", "optimizer", *widgets[1:]]
+    both = set(req) | set(opts["input"]["required"]) | {"options"}
+    assert set(order) - {"gpus"} <= both  # every legacy input is on the Trainer or the Options node
     assert req["sample_prompts"][1].get("multiline") is True
     assert req["preset"][1]["options"] == ["none", "character", "concept", "low-vram", "style"]
     assert "min_snr_gamma=5.0" in req["preset"][1]["tooltip"]  # the values each preset sets
     assert req["network"][1]["options"] == ["lora", "loha", "lokr"]
-    assert req["network_weights"][1]["options"][0] == "none"
+    assert opts["input"]["required"]["network_weights"][1]["options"][0] == "none"
     assert tr["output"] == ["STRING", "IMAGE", "STRING", "IMAGE"]
     assert tr["output_name"] == ["lora_name", "telemetry", "run_dir", "samples"]
     ld = object_info["EmoLoRA_LoadTrainedLoRA"]
@@ -145,6 +173,20 @@ def test_object_info_lists_every_node(object_info):
     assert ld["input"]["required"]["lora_name"][1].get("forceInput") is True
     assert ld["output"] == ["MODEL", "CLIP"]
     assert object_info["EmoLoRA_TelemetryPlot"]["output"] == ["IMAGE"]
+
+
+def test_v0_1_0_workflows_give_the_legacy_trainer_the_same_values(object_info):
+    """UI workflows store widget values by position: the workflow saved from the v0.1.0 Trainer (every widget off
+    its default) and the v0.1.0 example map onto today's EmoLoRA_Trainer exactly as the v0.1.0 frontend queued
+    them (the saved API prompt); the browser test loads the same files in the real frontend."""
+    saved = json.loads((DATA / "trainer_v0.1.0_prompt.json").read_text())
+    prompt = H.workflow_to_prompt(json.loads((DATA / "trainer_v0.1.0_workflow.json").read_text()), object_info)
+    assert prompt["3"]["class_type"] == "EmoLoRA_Trainer"
+    assert prompt["3"]["inputs"] == saved["3"]["inputs"]
+    example = H.workflow_to_prompt(json.loads((DATA / "example_v0.1.0_workflow.json").read_text()), object_info)
+    trainer = next(v["inputs"] for v in example.values() if v["class_type"] == "EmoLoRA_Trainer")
+    assert (trainer["network"], trainer["rank"], trainer["steps"], trainer["sample_prompts"], trainer["output_name"]) \
+        == ("lora", 16, 500, "a photo of sks dog", "emolora")
 
 
 def test_extension_and_templates_are_served(comfy):
@@ -165,7 +207,7 @@ def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
     run = comfy.run_prompt(prompt, timeout=1500)
     assert run.status == 200, run.response
     assert run.outcome == "execution_success", (run.of_type("execution_error"), comfy.log_tail())
-    trainer_id = next(k for k, v in prompt.items() if v["class_type"] == "EmoLoRA_Trainer")
+    trainer_id = next(k for k, v in prompt.items() if v["class_type"] == "EmoLoRA_SDXLTrainer")
     progress = [p for p in run.of_type("progress") if str(p.get("node")) == trainer_id]
     assert progress and progress[-1]["value"] == STEPS and progress[-1]["max"] == STEPS
     tele = run.of_type("emolora.telemetry")
