@@ -12,7 +12,7 @@ from pathlib import Path
 
 import comfy_harness as H
 import pytest
-from conftest import require, require_module
+from conftest import doc_image, require, require_module
 
 pytestmark = pytest.mark.slow
 
@@ -218,6 +218,7 @@ def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(b
             return step && st && st.dataset.status === 'running' && Number(step.dataset.step) >= 1
                 && [Number(step.dataset.step), document.querySelector('.emo-big')?.parentElement?.innerText || ''];
         }""", timeout=300_000).json_value()
+    doc_image(page.locator(".emolora-sidebar").first.screenshot(), "sidebar.png", max_width=480)
     run_name = page.evaluate("() => window.__emolora.run")
     assert run_name and run_name in live[1], (run_name, live)
     page.wait_for_function("() => window.__emolora.last && ['done', 'interrupted', 'failed']"
@@ -252,6 +253,8 @@ def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(b
     shot = artifacts_dir() / "comfy_browser.png"
     page.screenshot(path=str(shot), full_page=False)
     H.log(f"screenshot: {shot}")
+    doc_image(shot.read_bytes(), "comfy_graph.png", max_width=960)
+    doc_image(page.locator("canvas.emolora-chart").first.screenshot(), "live_chart.png", max_width=480)
     assert blue > 20, f"no loss line on the chart ({blue} loss-coloured pixels)"
     others = [e for e in logs if e[0] in ("console.error", "pageerror") and not ours(e)]
     if others:
