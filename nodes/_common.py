@@ -181,12 +181,13 @@ class Throttle:
         return False
 
 
-def resolve_input_path(path: str) -> str:
-    """A folder typed by the user: absolute, ~, or relative to ComfyUI's input directory."""
-    path = os.path.expanduser(path.strip().strip('"'))
-    if os.path.isabs(path):
+def resolve_input_path(path: str, pathmod=os.path) -> str:
+    """A folder typed by the user: absolute (a drive letter or share on Windows; quotes from Explorer's "Copy as
+    path" dropped), ~, or relative to ComfyUI's input directory. pathmod: ntpath to check Windows paths anywhere."""
+    path = pathmod.expanduser(path.strip().strip('"'))
+    if pathmod.isabs(path):
         return path
     try:
-        return os.path.join(folder_paths().get_input_directory(), path)
+        return pathmod.join(folder_paths().get_input_directory(), path)
     except Exception:
-        return os.path.abspath(path)
+        return pathmod.abspath(path)
