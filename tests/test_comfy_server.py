@@ -312,3 +312,22 @@ def test_panel_route_starts_the_panel_once_on_loopback(comfy):
         assert r.status == 200
     code2, body2 = comfy.post_json("/emolora/panel", {}, timeout=60)
     assert code2 == 200 and body2["url"] == url  # once per process
+
+
+def test_the_docs_name_every_trainer_and_options_input_and_no_other(object_info):
+    """docs/comfyui.md's input tables against /object_info: the docs cannot drift from the nodes."""
+    import re
+
+    text = (ROOT / "docs" / "comfyui.md").read_text(encoding="utf-8")
+
+    def documented(heading: str) -> set:
+        section = text.split(heading, 1)[1].split("\n#", 1)[0]
+        rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+        return {name for row in rows for name in re.findall(r"`([a-z_]+)`", row)}
+
+    for heading, node_id in (("### EmoLoRA Trainer (SDXL)", "EmoLoRA_SDXLTrainer"),
+                             ("### EmoLoRA Training Options", "EmoLoRA_TrainingOptions")):
+        info = object_info[node_id]["input"]
+        widgets = {k for part in ("required", "optional") for k, v in info.get(part, {}).items()
+                   if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")}
+        assert documented(heading) - {"gpus"} == widgets - {"gpus"}, node_id  # gpus: only with several GPUs

@@ -37,8 +37,8 @@ def child_env(root, environ=None, windows: bool = os.name == "nt") -> dict:
 
 
 def popen_group_options(windows: bool = os.name == "nt") -> dict:
-    """Start a child in its own process group (POSIX: session), so a Ctrl+C in the host's console reaches the
-    host, which stops the child through the control file (and saves), not the child directly."""
+    """Start a child that outlives its host (the panel's runs) in its own process group (POSIX: session), so a
+    Ctrl+C in the host's console does not reach it; it is stopped through its control file."""
     if windows:
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
     return {"start_new_session": True}
@@ -57,6 +57,8 @@ def kill_tree(proc, windows: bool = os.name == "nt") -> None:
         import signal
 
         try:
+            if os.getpgid(proc.pid) != proc.pid:  # not a group leader: its children are not reachable as a group
+                raise ProcessLookupError
             os.killpg(proc.pid, signal.SIGKILL)
         except OSError:
             proc.kill()
@@ -92,7 +94,7 @@ def run_child(config, processes: int, *, on_step=None, should_stop=None, poll_s:
     root = Path(__file__).resolve().parent.parent  # the folder holding trainer/: `-m trainer` runs there
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=root, env=child_env(root), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, **popen_group_options())
+                                stdin=subprocess.DEVNULL)  # ComfyUI's group: a Ctrl+C there reaches it too
     try:
         while True:
             done = proc.poll() is not None
