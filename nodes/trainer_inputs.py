@@ -9,7 +9,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer.config import CHOICES
-from ._common import describe_settings, lora_names, training_presets, checkpoint_names
+from ._common import checkpoint_names, describe_settings, lora_names, training_presets
 from .training import NETWORKS, NO_LORA, NO_PRESET, PRECISIONS
 
 

@@ -104,9 +104,8 @@ def test_windows_paths_in_options_stay_as_typed(monkeypatch):
     ("Copy as path" in Explorer) as absolute."""
     import ntpath
 
-    from trainer.cli import _parse_set
+    from trainer.cli import _parse_set, load_pack
     from trainer.config import build_config
-    from trainer.cli import load_pack
 
     typed = {"validation_data": "C:\\Users\\Zoë\\val set", "data": "D:\\データ\\1_sks",
              "output": "E:\\LoRAs\\my lora.safetensors", "model": "\\\\nas\\models\\sdxl base.safetensors"}

@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 
-
 STOP_GRACE_S = 60.0  # how long a child asked to stop may take to save before it is ended
 
 

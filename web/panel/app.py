@@ -347,7 +347,8 @@ class PanelApp:
             more_sel = gr.Dropdown(label="More signals", choices=[], value=[], multiselect=True,
                                    elem_id="emolora-more")
             with gr.Row(elem_classes="emolora-row"):
-                gallery = gr.Gallery(label="Samples", visible=False, columns=[2, 3, 4, 4, 4, 4], height=260, elem_id="emolora-samples")
+                gallery = gr.Gallery(label="Samples", visible=False, columns=[2, 3, 4, 4, 4, 4], height=260,
+                                     elem_id="emolora-samples")  # 2 a row when narrow
                 files = gr.File(label="LoRA files", file_count="multiple", interactive=False, elem_id="emolora-files")
             f = self._start_form()
             timer = gr.Timer(1.0)

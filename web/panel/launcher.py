@@ -6,7 +6,6 @@ like any other run. The process's output goes to <output folder>/panel-logs/<run
 """
 
 import json
-import os
 import re
 import subprocess
 import threading
