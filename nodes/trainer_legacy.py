@@ -11,7 +11,7 @@ from ._common import CATEGORY, PREFIX
 from .dataset import DatasetType
 from .optimizer import OptimizerType
 from .trainer_inputs import legacy_inputs
-from .trainer_node import DESCRIPTION, OUTPUTS, train_node
+from .trainer_node import DESCRIPTION, outputs, train_node
 
 
 class EmoLoRATrainerLegacy(io.ComfyNode):
@@ -25,7 +25,7 @@ class EmoLoRATrainerLegacy(io.ComfyNode):
             description=DESCRIPTION + " The v0.1.0 node, kept for saved workflows: new graphs use EmoLoRA Trainer "
                                       "(SDXL) with EmoLoRA Training Options.",
             inputs=[widgets[0], DatasetType.Input("dataset"), OptimizerType.Input("optimizer"), *widgets[1:]],
-            outputs=OUTPUTS,
+            outputs=outputs(),
             hidden=[io.Hidden.unique_id],
             is_output_node=True,
             is_deprecated=True,

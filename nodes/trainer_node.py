@@ -27,10 +27,14 @@ OptionsType = io.Custom(OPTIONS_TYPE)
 DESCRIPTION = ("Train an SDXL LoRA (or LoHa/LoKr) with an Emo optimizer. Frees ComfyUI's loaded models first. Cancel "
                "stops gracefully and the LoRA so far is saved. The LoRA goes to the loras folder (kohya/LyCORIS "
                "keys), so LoraLoader lists it. Sample previews appear on the node while it trains.")
-OUTPUTS = [io.String.Output("lora_name", display_name="lora_name"),
-           io.Image.Output("telemetry", display_name="telemetry"),
-           io.String.Output("run_dir", display_name="run_dir"),
-           io.Image.Output("samples", display_name="samples")]
+
+
+def outputs() -> list:
+    """The Trainer's outputs (new objects for each schema: the legacy node has the same)."""
+    return [io.String.Output("lora_name", display_name="lora_name"),
+            io.Image.Output("telemetry", display_name="telemetry"),
+            io.String.Output("run_dir", display_name="run_dir"),
+            io.Image.Output("samples", display_name="samples")]
 
 
 class EmoLoRATrainer(io.ComfyNode):
@@ -51,7 +55,7 @@ class EmoLoRATrainer(io.ComfyNode):
                                   tooltip="An EmoLoRA Training Options node: batch size, precision, seed, saves, "
                                           "network details, validation, ..."),
             ],
-            outputs=OUTPUTS,
+            outputs=outputs(),
             hidden=[io.Hidden.unique_id],
             is_output_node=True,  # training is the point (the LoRA file): a graph with only the trainer runs
         )
