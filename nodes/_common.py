@@ -17,6 +17,7 @@ PREFIX = "EmoLoRA_"
 TELEMETRY_EVENT = "emolora.telemetry"
 OPTIMIZER_TYPE = "EMOLORA_OPTIMIZER"
 DATASET_TYPE = "EMOLORA_DATASET"
+OPTIONS_TYPE = "EMOLORA_TRAINING_OPTIONS"
 PACK_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -123,6 +124,17 @@ class DatasetSpec:
         return {"data": self.folder, **{k: json.loads(v) for k, v in self.settings}}
 
 
+@dataclass(frozen=True)
+class TrainingOptions:
+    """What the Training Options node hands the Trainer: its widget values by name (as the widgets hold them; the
+    Trainer maps them to TrainConfig with training.widgets_to_config)."""
+
+    settings: tuple = ()  # sorted (widget name, json-encoded value) pairs
+
+    def values(self) -> dict:
+        return {k: json.loads(v) for k, v in self.settings}
+
+
 # ---- ComfyUI host access (lazy) --------------------------------------------------------------------------------
 def folder_paths():
     import folder_paths as fp  # provided by ComfyUI
@@ -170,12 +182,13 @@ class Throttle:
         return False
 
 
-def resolve_input_path(path: str) -> str:
-    """A folder typed by the user: absolute, ~, or relative to ComfyUI's input directory."""
-    path = os.path.expanduser(path.strip().strip('"'))
-    if os.path.isabs(path):
+def resolve_input_path(path: str, pathmod=os.path) -> str:
+    """A folder typed by the user: absolute (a drive letter or share on Windows; quotes from Explorer's "Copy as
+    path" dropped), ~, or relative to ComfyUI's input directory. pathmod: ntpath to check Windows paths anywhere."""
+    path = pathmod.expanduser(path.strip().strip('"'))
+    if pathmod.isabs(path):
         return path
     try:
-        return os.path.join(folder_paths().get_input_directory(), path)
+        return pathmod.join(folder_paths().get_input_directory(), path)
     except Exception:
-        return os.path.abspath(path)
+        return pathmod.abspath(path)

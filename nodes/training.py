@@ -29,6 +29,8 @@ from ._common import (
 log = logging.getLogger("emolora.nodes")
 
 PRECISIONS = {"auto": "auto", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+NO_PRESET = "none"
+NO_LORA = "none"
 EVENT_INTERVAL_S = 0.25  # at most ~4 telemetry events per second
 EVENT_FIELDS = ("loss", "lr", "emo_scalar", "emo_pulse", "effective_lr", "trust", "grad_norm", "steps_per_s",
                 "eval_loss", "val_loss", "lr_scale", "confidence_mean")
@@ -93,6 +95,41 @@ def resume_run_dir(runs_dir: str, choice: str | None) -> str | None:
     if not name or os.sep in name or "/" in name or not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise EmoLoRAError(f"EmoLoRA Trainer: resume: no run {name!r} in {runs_dir}")
     return run_dir
+
+
+def _prompts(text) -> list:
+    return [line.strip() for line in (text or "").splitlines() if line.strip()]
+
+
+# Widget name -> its TrainConfig entries, only where the key or the value differs from the widget's; every other
+# widget sets the TrainConfig field of its own name. None: not a config value (the node uses it itself).
+WIDGET_TO_CONFIG = {
+    "ckpt_name": None, "preset": None, "output_name": None, "gpus": None,
+    "alpha": lambda v: {"alpha": float(v) if v else None},  # 0 = equal to rank
+    "precision": lambda v: {"mixed_precision": PRECISIONS[v]},
+    "auto_stop": lambda v: {"auto_stop": "stop" if v else "mark"},
+    "sample_prompts": lambda v: {"sample_prompts": _prompts(v)},
+    "sample_size": lambda v: {"sample_size": int(v) or None},  # 0 = the training resolution
+    "network_weights": lambda v: {"network_weights": None if v in (None, "", NO_LORA) else v},
+    # cached text-encoder outputs cannot train the text encoders
+    "train_text_encoder": lambda v: {"train_text_encoder": bool(v), **({"cache_text": "off"} if v else {})},
+}
+
+
+def widgets_to_config(values: dict) -> dict:
+    """The TrainConfig overrides of the training nodes' widget values (only those given: a widget that is not on
+    the graph leaves the preset's or TrainConfig's value)."""
+    out: dict = {}
+    for name, value in values.items():
+        if name not in WIDGET_TO_CONFIG:
+            out[name] = value
+        elif WIDGET_TO_CONFIG[name] is not None:
+            out.update(WIDGET_TO_CONFIG[name](value))
+    if out.get("alpha", 1) is None and "rank" in values:
+        out["alpha"] = float(values["rank"])  # "equal to rank" must also win over a preset's alpha (None would not)
+    if "sample_every" in out and not out.get("sample_prompts"):
+        out["sample_every"] = 0  # no prompts, no samples
+    return out
 
 
 def preset_status(preset: str | None, config) -> str:

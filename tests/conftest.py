@@ -58,3 +58,21 @@ def comfy():
     import comfy_harness
 
     return comfy_harness.shared_server()
+
+
+def doc_image(png: bytes, name: str, max_width: int = 720) -> None:
+    """With EMOLORA_DOC_IMAGES=<folder> (docs/images when refreshing the docs' pictures), also keep a small copy of a
+    browser test's screenshot there: at most max_width px wide, 64-colour palette PNG. Off by default: a test run
+    never changes tracked files."""
+    folder = os.environ.get("EMOLORA_DOC_IMAGES")
+    if not folder:
+        return
+    import io
+
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB")
+    if img.width > max_width:
+        img = img.resize((max_width, round(img.height * max_width / img.width)), Image.LANCZOS)
+    os.makedirs(folder, exist_ok=True)
+    img.quantize(colors=64, method=Image.Quantize.MEDIANCUT).save(os.path.join(folder, name), optimize=True)

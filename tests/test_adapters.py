@@ -2,6 +2,7 @@
 them (ours, LyCORIS's, ComfyUI's trainer's), the errors on a mismatch, every optimizer on every type, and the
 forward computing in the autocast dtype."""
 
+import json
 import math
 
 import pytest
@@ -79,7 +80,7 @@ def test_export_layout_and_metadata_of_every_type(tiny, tmp_path):
         path = save_lora(tmp_path / f"{name}.safetensors", net, meta)
         with safe_open(path, "pt") as f:
             md = f.metadata()
-        args = eval(md["ss_network_args"])
+        args = json.loads(md["ss_network_args"])
         if name == "lora":
             assert md["ss_network_module"] == "networks.lora" and args == {"conv_dim": "2", "conv_alpha": "1.5"}
         else:

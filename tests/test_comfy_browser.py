@@ -12,7 +12,7 @@ from pathlib import Path
 
 import comfy_harness as H
 import pytest
-from conftest import require, require_module
+from conftest import doc_image, require, require_module
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_page_loads_with_extension_and_no_errors_from_it(browser_page):
 
 def test_picking_an_optimizer_or_a_preset_fills_real_values(browser_page):
     """No sentinels: a pick on the Optimizer node fills that optimizer's own values (from /emolora/defaults), a
-    training preset on the Trainer fills the Trainer's widgets and the linked Dataset node's."""
+    training preset on the Trainer fills the Trainer's widgets and the linked Training Options and Dataset nodes'."""
     page, _ = browser_page
     workflow = json.loads((ROOT / "example_workflows" / "emolora_train_then_sample.json").read_text())
     got = page.evaluate(
@@ -86,7 +86,10 @@ def test_picking_an_optimizer_or_a_preset_fills_real_values(browser_page):
             const pick = (n, name, value) => { const x = w(n, name); x.value = value; x.callback?.(value); };
             const sleep = () => new Promise(r => setTimeout(r, 50));
             const until = async (f) => { for (let i = 0; i < 200 && !f(); i++) await sleep(); };
-            const opt = byType('EmoLoRA_Optimizer'), tr = byType('EmoLoRA_Trainer'), ds = byType('EmoLoRA_Dataset');
+            const opt = byType('EmoLoRA_Optimizer'), tr = byType('EmoLoRA_SDXLTrainer'), ds = byType('EmoLoRA_Dataset');
+            const op = window.LiteGraph.createNode('EmoLoRA_TrainingOptions');
+            window.app.graph.add(op);
+            op.connect(0, tr, tr.inputs.findIndex(i => i.name === 'options'));
             const values = (n, names) => Object.fromEntries(names.map(k => [k, w(n, k).value]));
             const names = ['lr', 'beta1', 'beta2', 'weight_decay', 'trust_level', 'emopulse_scale'];
             const shown = values(opt, names);
@@ -103,15 +106,46 @@ def test_picking_an_optimizer_or_a_preset_fills_real_values(browser_page):
             w(ds, 'resolution').value = 256;
             pick(tr, 'preset', 'style');
             await until(() => w(tr, 'rank').value === 32);
-            return {shown, adamw, bold, sens, trainer: values(tr, ['rank', 'alpha', 'steps', 'save_every']),
-                    dataset: values(ds, ['resolution', 'flip_aug'])};
+            return {shown, adamw, bold, sens, trainer: values(tr, ['rank', 'steps']),
+                    options: values(op, ['alpha', 'save_every']), dataset: values(ds, ['resolution', 'flip_aug'])};
         }""", workflow)
     assert got["shown"]["lr"] == 6e-05 and got["shown"]["beta2"] == 0.995, got  # EmoNavi's, as saved
     assert got["adamw"] == {**got["adamw"], "lr": 1e-4, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01}, got
     assert got["bold"]["trust_level"] == 0.5 and got["bold"]["lr"] == 1e-4, got
     assert got["sens"]["preset"].startswith("auto") and got["sens"]["emopulse_scale"] == 1.0, got
-    assert got["trainer"] == {"rank": 32, "alpha": 16, "steps": 2000, "save_every": 250}, got
+    assert got["trainer"] == {"rank": 32, "steps": 2000}, got
+    assert got["options"] == {"alpha": 16, "save_every": 250}, got
     assert got["dataset"] == {"resolution": 1024, "flip_aug": True}, got
+
+
+def test_workflows_saved_with_the_v0_1_0_trainer_load_with_the_same_values(browser_page):
+    """The real frontend loads a workflow saved from the v0.1.0 Trainer (every widget off its default; positional
+    widgets_values) and the v0.1.0 example: no missing node, and the prompt it queues gives the Trainer exactly the
+    inputs the v0.1.0 frontend queued (tests/data/trainer_v0.1.0_prompt.json)."""
+    page, logs = browser_page
+    data = ROOT / "tests" / "data"
+    seen = len(logs)
+    saved = json.loads((data / "trainer_v0.1.0_prompt.json").read_text())
+    got = page.evaluate(
+        """async ([wf, example]) => {
+            const out = {};
+            for (const [key, graph] of [['saved', wf], ['example', example]]) {
+                await window.app.loadGraphData(graph);
+                const missing = window.app.graph._nodes.filter(n => !window.LiteGraph.registered_node_types[n.type]);
+                const prompt = (await window.app.graphToPrompt()).output;
+                out[key] = {missing: missing.map(n => n.type), prompt};
+            }
+            return out;
+        }""", [json.loads((data / "trainer_v0.1.0_workflow.json").read_text()),
+               json.loads((data / "example_v0.1.0_workflow.json").read_text())])
+    assert got["saved"]["missing"] == [] and got["example"]["missing"] == [], got
+    invalid = [e for e in logs[seen:] if "invalid workflow" in e[1].lower()]
+    assert not invalid, invalid  # the frontend's schema check accepts both files
+    assert got["saved"]["prompt"]["3"]["class_type"] == "EmoLoRA_Trainer"
+    assert got["saved"]["prompt"]["3"]["inputs"] == saved["3"]["inputs"]
+    trainer = next(v["inputs"] for v in got["example"]["prompt"].values() if v["class_type"] == "EmoLoRA_Trainer")
+    assert (trainer["network"], trainer["rank"], trainer["steps"], trainer["sample_every"], trainer["output_name"]) \
+        == ("lora", 16, 500, 100, "emolora"), trainer
 
 
 # The graph nodes of the example's sampling branch: the server test runs them; here they are muted, so this test's
@@ -134,17 +168,22 @@ def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(b
     workflow = json.loads((ROOT / "example_workflows" / "emolora_train_then_sample.json").read_text())
     overrides = {
         "EmoLoRA_Dataset": {"folder": str(tmp_path), "resolution": RES},
-        "EmoLoRA_Trainer": {"ckpt_name": H.CHECKPOINT_NAME, "steps": STEPS, "rank": 4, "output_name": "browser",
-                            "sample_every": 2, "sample_size": 64, "sample_steps": 1,
-                            "gradient_checkpointing": False},
+        "EmoLoRA_SDXLTrainer": {"ckpt_name": H.CHECKPOINT_NAME, "steps": STEPS, "rank": 4, "output_name": "browser",
+                                "sample_every": 2},
+        "EmoLoRA_TrainingOptions": {"sample_size": 64, "sample_steps": 1, "gradient_checkpointing": False},
     }
     trainer_id = page.evaluate(
         """async ([wf, ov, muted]) => {
             await window.app.loadGraphData(wf);
+            const tr = window.app.graph._nodes.find(n => n.type === 'EmoLoRA_SDXLTrainer');
+            const op = window.LiteGraph.createNode('EmoLoRA_TrainingOptions');  // the options a cheap run needs
+            op.pos = [tr.pos[0], tr.pos[1] + tr.size[1] + 60];
+            window.app.graph.add(op);
+            op.connect(0, tr, tr.inputs.findIndex(i => i.name === 'options'));
             let trainer = null;
             for (const node of window.app.graph._nodes) {
                 if (muted.includes(node.type)) node.mode = 2;  // never: left out of the prompt
-                if (node.type === 'EmoLoRA_Trainer') trainer = node.id;
+                if (node.type === 'EmoLoRA_SDXLTrainer') trainer = node.id;
                 const o = ov[node.type];
                 if (!o) continue;
                 for (const [k, v] of Object.entries(o)) {
@@ -182,6 +221,7 @@ def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(b
             return step && st && st.dataset.status === 'running' && Number(step.dataset.step) >= 1
                 && [Number(step.dataset.step), document.querySelector('.emo-big')?.parentElement?.innerText || ''];
         }""", timeout=300_000).json_value()
+    doc_image(page.locator(".emolora-sidebar").first.screenshot(), "sidebar.png", max_width=480)
     run_name = page.evaluate("() => window.__emolora.run")
     assert run_name and run_name in live[1], (run_name, live)
     page.wait_for_function("() => window.__emolora.last && ['done', 'interrupted', 'failed']"
@@ -207,7 +247,7 @@ def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(b
     }""")
     page.keyboard.press("Escape")
     page.evaluate("""() => {
-        const c = window.app.canvas, n = window.app.graph._nodes.find(n => n.type === 'EmoLoRA_Trainer');
+        const c = window.app.canvas, n = window.app.graph._nodes.find(n => n.type === 'EmoLoRA_SDXLTrainer');
         c.ds.scale = 1.0;
         if (c.centerOnNode) c.centerOnNode(n);
         c.setDirty(true, true);
@@ -216,6 +256,11 @@ def test_a_run_draws_the_chart_shows_previews_and_the_sidebar_panel_follows_it(b
     shot = artifacts_dir() / "comfy_browser.png"
     page.screenshot(path=str(shot), full_page=False)
     H.log(f"screenshot: {shot}")
+    if os.environ.get("EMOLORA_DOC_IMAGES"):
+        tab.click()  # the sidebar closed: the docs' picture of the graph shows the nodes
+        page.wait_for_timeout(500)
+        doc_image(page.screenshot(full_page=False), "comfy_graph.png", max_width=960)
+    doc_image(page.locator("canvas.emolora-chart").first.screenshot(), "live_chart.png", max_width=480)
     assert blue > 20, f"no loss line on the chart ({blue} loss-coloured pixels)"
     others = [e for e in logs if e[0] in ("console.error", "pageerror") and not ours(e)]
     if others:

@@ -410,11 +410,11 @@ def test_run_training_with_validation_and_masks_from_the_nodes(tmp_path, monkeyp
 def test_example_workflow_is_train_then_load_then_sample():
     wf = json.loads((ROOT / "example_workflows" / "emolora_train_then_sample.json").read_text())
     types = {n["id"]: n["type"] for n in wf["nodes"]}
-    for t in ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA", "KSampler",
+    for t in ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_SDXLTrainer", "EmoLoRA_LoadTrainedLoRA", "KSampler",
               "SaveImage", "EmoLoRA_TelemetryPlot"):
         assert t in types.values(), t
     edges = {(types[lk[1]], types[lk[3]]) for lk in wf["links"]}
-    assert ("EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA") in edges
+    assert ("EmoLoRA_SDXLTrainer", "EmoLoRA_LoadTrainedLoRA") in edges
     assert ("EmoLoRA_LoadTrainedLoRA", "KSampler") in edges
     ids = {lk[0] for lk in wf["links"]}
     for n in wf["nodes"]:
@@ -431,3 +431,31 @@ def test_a_node_with_a_missing_dependency_is_left_out_with_a_reason(monkeypatch,
         assert nodes.load_nodes() == []
     assert set(nodes.UNAVAILABLE) == {"NoSuchNode", "Throttle"}
     assert "node NoSuchNode is unavailable" in caplog.text
+
+
+# ---- Trainer + Training Options: widget values to TrainConfig ---------------------------------------------------
+def test_widgets_to_config_leaves_what_is_not_on_the_graph_to_the_preset():
+    """The compact Trainer alone: the preset and the defaults fill everything it does not show; an Options node's
+    values win over the preset; every widget of the v0.1.0 Trainer maps to a TrainConfig field."""
+    from trainer.config import build_config
+
+    training = sub("nodes.training")
+    fixed = {"model": "m", "data": "d", "output": "o.safetensors"}
+    trainer = {"ckpt_name": "x.safetensors", "preset": "character", "network": "lora", "rank": 4, "steps": 3,
+               "sample_prompts": "", "sample_every": 100, "output_name": "y"}
+    alone = build_config(presets=["character"], overrides={**training.widgets_to_config(trainer), **fixed},
+                         validate=False)
+    assert (alone.rank, alone.steps, alone.sample_every) == (4, 3, 0)  # no prompts, no samples
+    assert (alone.alpha, alone.save_every, alone.cache_text, alone.seed) == (8, 250, "off", 42)  # preset, default
+    options = {"alpha": 0.0, "precision": "fp32", "save_every": 0, "train_text_encoder": True, "seed": 7,
+               "sample_size": 0, "network_weights": "none", "auto_stop": True}
+    both = build_config(presets=["character"], validate=False,
+                        overrides={**training.widgets_to_config({**options, **trainer}), **fixed})
+    assert (both.alpha, both.mixed_precision, both.save_every, both.seed) == (4.0, "no", 0, 7)  # alpha 0: = rank
+    assert (both.train_text_encoder, both.cache_text, both.sample_size, both.network_weights, both.auto_stop) == \
+        (True, "off", None, None, "stop")
+    saved = json.loads((ROOT / "tests" / "data" / "trainer_v0.1.0_prompt.json").read_text())["3"]["inputs"]
+    legacy = training.widgets_to_config({k: v for k, v in saved.items() if not isinstance(v, list)})
+    cfg = build_config(presets=[], overrides={**legacy, **fixed}, validate=False)
+    assert (cfg.network, cfg.rslora, cfg.alpha, cfg.conv_rank, cfg.grad_accum, cfg.val_patience) == \
+        ("loha", True, 2.0, 2, 2, 4)

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "example_workflows" / "emolora_train_then_sample.json"
-NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA",
-            "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel", "EmoLoRA_Sweep")
+DATA = ROOT / "tests" / "data"  # workflows saved with the v0.1.0 Trainer (before the Trainer/Options split)
+NODE_IDS = ("EmoLoRA_Optimizer", "EmoLoRA_Dataset", "EmoLoRA_SDXLTrainer", "EmoLoRA_TrainingOptions",
+            "EmoLoRA_Trainer", "EmoLoRA_LoadTrainedLoRA", "EmoLoRA_TelemetryPlot", "EmoLoRA_Panel", "EmoLoRA_Sweep")
 STEPS = 2
 RES = 128  # the cheapest size that still exercises buckets, the VAE and every UNet level
 
@@ -45,15 +46,28 @@ def dataset_dir(tmp_path_factory):
     return root
 
 
+def widget_defaults(object_info, node_id: str) -> dict:
+    """A node's required widget inputs at their schema defaults (a combo's first option)."""
+    out = {}
+    for name, spec in object_info[node_id]["input"]["required"].items():
+        opts = spec[1] if len(spec) > 1 else {}
+        out[name] = opts.get("default", spec[0][0] if isinstance(spec[0], list) else opts.get("options", [None])[0])
+    return out
+
+
 def example_prompt(object_info, *, data: str, ckpt: str = H.CHECKPOINT_NAME, steps: int = STEPS,
                    output_name: str = "e2e") -> dict:
     """The example workflow as shipped, made cheap: 128 px, two steps, no in-training sample (the browser test
-    shows one on the node; a sample costs as much as a step here: the text encoders run)."""
+    shows one on the node; a sample costs as much as a step here: the text encoders run), and a Training Options
+    node at its defaults but without gradient checkpointing."""
     prompt = H.workflow_to_prompt(json.loads(EXAMPLE.read_text()), object_info)
     by_type = {v["class_type"]: (k, v) for k, v in prompt.items()}
     by_type["EmoLoRA_Dataset"][1]["inputs"].update(folder=data, resolution=RES)
-    by_type["EmoLoRA_Trainer"][1]["inputs"].update(ckpt_name=ckpt, steps=steps, output_name=output_name, rank=4,
-                                                   sample_every=0, gradient_checkpointing=False)
+    prompt["90"] = {"class_type": "EmoLoRA_TrainingOptions",
+                    "inputs": {**widget_defaults(object_info, "EmoLoRA_TrainingOptions"),
+                               "gradient_checkpointing": False, "precision": "fp32"}}
+    by_type["EmoLoRA_SDXLTrainer"][1]["inputs"].update(ckpt_name=ckpt, steps=steps, output_name=output_name, rank=4,
+                                                       sample_every=0, options=["90", 0])
     by_type["CheckpointLoaderSimple"][1]["inputs"]["ckpt_name"] = ckpt
     by_type["KSampler"][1]["inputs"].update(steps=1)
     by_type["EmptyLatentImage"][1]["inputs"].update(width=RES, height=RES)
@@ -125,24 +139,40 @@ def test_object_info_lists_every_node(object_info):
     ds = object_info["EmoLoRA_Dataset"]
     assert ds["output"] == ["EMOLORA_DATASET", "INT"]
     assert ds["input"]["optional"]["images"][0] == "IMAGE"
-    tr = object_info["EmoLoRA_Trainer"]
+    tr = object_info["EmoLoRA_SDXLTrainer"]
     req = tr["input"]["required"]
     assert req["dataset"][0] == "EMOLORA_DATASET" and req["optimizer"][0] == "EMOLORA_OPTIMIZER"
+    assert tr["input"]["optional"]["options"][0] == "EMOLORA_TRAINING_OPTIONS"
+    assert tr["input_order"]["required"] == ["ckpt_name", "dataset", "optimizer", "preset", "network", "rank",
+                                             "steps", "sample_prompts", "sample_every", "output_name"]
     assert H.CHECKPOINT_NAME in req["ckpt_name"][1]["options"]
-    for key in ("rank", "alpha", "conv_rank", "train_text_encoder", "steps", "batch_size", "grad_accum", "precision",
-                "gradient_checkpointing", "seed", "auto_stop", "save_every", "output_name", "sample_every",
-                "sample_size", "sample_steps", "dora", "rslora"):
-        assert key in req, key
+    opts = object_info["EmoLoRA_TrainingOptions"]
+    assert opts["output"] == ["EMOLORA_TRAINING_OPTIONS"]
+    for key in ("alpha", "conv_rank", "train_text_encoder", "batch_size", "grad_accum", "precision",
+                "gradient_checkpointing", "seed", "auto_stop", "save_every", "sample_size", "sample_steps", "dora",
+                "rslora", "network_weights", "auto_stop_on", "validation_every", "val_patience", "compile", "tucker"):
+        assert key in opts["input"]["required"], key
+    legacy = object_info["EmoLoRA_Trainer"]  # v0.1.0: every widget, same order, hidden from the search
+    assert legacy["deprecated"] is True and tr.get("deprecated") is not True
+    saved = json.loads((DATA / "trainer_v0.1.0_prompt.json").read_text())["3"]["inputs"]
+    widgets = [k for k, v in saved.items() if not isinstance(v, list)]  # the API format puts links last
+    order = [*legacy["input_order"]["required"], *legacy["input_order"].get("optional", [])]
+    assert order[:len(saved)] == [widgets[0], "dataset", "optimizer", *widgets[1:]]
+    both = set(req) | set(tr["input"]["optional"]) | set(opts["input"]["required"])
+    assert set(order) - {"gpus"} <= both  # every legacy input is on the Trainer or the Options node
     assert req["sample_prompts"][1].get("multiline") is True
     assert req["preset"][1]["options"] == ["none", "4gb", "6gb", "8gb", "character", "concept", "low-vram",
                                                "style"]
     assert "min_snr_gamma=5.0" in req["preset"][1]["tooltip"]  # the values each preset sets
     assert req["network"][1]["options"] == ["lora", "loha", "lokr", "oft", "boft"]
-    assert tr["input"]["optional"]["offload"][1]["options"][:3] == ["none", "blocks", "blocks:1"]
-    assert tr["input"]["optional"]["oft_rescale"][0] == "BOOLEAN"
-    assert req["network_weights"][1]["options"][0] == "none"
-    base_dtype = tr["input"]["optional"]["base_dtype"][1]
-    assert base_dtype["options"] == ["auto", "bf16", "fp16", "fp32", "fp8"] and base_dtype["default"] == "auto"
+    opt_req = opts["input"]["required"]
+    assert opt_req["network_weights"][1]["options"][0] == "none"
+    assert opt_req["offload"][1]["options"][:3] == ["none", "blocks", "blocks:1"]
+    assert opt_req["oft_rescale"][0] == "BOOLEAN"
+    assert opt_req["base_dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32", "fp8"]
+    assert opt_req["base_dtype"][1]["default"] == "auto"
+    assert opt_req["optimizer_loss"][1]["options"] == ["raw", "normalized", "withheld"]
+    assert tr["input"]["optional"]["resume"][1]["options"][0] == "none"
     assert tr["output"] == ["STRING", "IMAGE", "STRING", "IMAGE"]
     assert tr["output_name"] == ["lora_name", "telemetry", "run_dir", "samples"]
     ld = object_info["EmoLoRA_LoadTrainedLoRA"]
@@ -156,6 +186,20 @@ def test_object_info_lists_every_node(object_info):
     for key in ("optimizers", "steps", "loss_control", "seeds"):
         assert key in req, key
     assert sw["output"] == ["EMOLORA_OPTIMIZER", "IMAGE", "STRING", "STRING"]  # the Trainer's optimizer type
+
+
+def test_v0_1_0_workflows_give_the_legacy_trainer_the_same_values(object_info):
+    """UI workflows store widget values by position: the workflow saved from the v0.1.0 Trainer (every widget off
+    its default) and the v0.1.0 example map onto today's EmoLoRA_Trainer exactly as the v0.1.0 frontend queued
+    them (the saved API prompt); the browser test loads the same files in the real frontend."""
+    saved = json.loads((DATA / "trainer_v0.1.0_prompt.json").read_text())
+    prompt = H.workflow_to_prompt(json.loads((DATA / "trainer_v0.1.0_workflow.json").read_text()), object_info)
+    assert prompt["3"]["class_type"] == "EmoLoRA_Trainer"
+    assert prompt["3"]["inputs"] == saved["3"]["inputs"]
+    example = H.workflow_to_prompt(json.loads((DATA / "example_v0.1.0_workflow.json").read_text()), object_info)
+    trainer = next(v["inputs"] for v in example.values() if v["class_type"] == "EmoLoRA_Trainer")
+    assert (trainer["network"], trainer["rank"], trainer["steps"], trainer["sample_prompts"], trainer["output_name"]) \
+        == ("lora", 16, 500, "a photo of sks dog", "emolora")
 
 
 def test_extension_and_templates_are_served(comfy):
@@ -176,7 +220,7 @@ def test_train_then_sample_example_workflow(comfy, object_info, dataset_dir):
     run = comfy.run_prompt(prompt, timeout=1500)
     assert run.status == 200, run.response
     assert run.outcome == "execution_success", (run.of_type("execution_error"), comfy.log_tail())
-    trainer_id = next(k for k, v in prompt.items() if v["class_type"] == "EmoLoRA_Trainer")
+    trainer_id = next(k for k, v in prompt.items() if v["class_type"] == "EmoLoRA_SDXLTrainer")
     progress = [p for p in run.of_type("progress") if str(p.get("node")) == trainer_id]
     assert progress and progress[-1]["value"] == STEPS and progress[-1]["max"] == STEPS
     tele = run.of_type("emolora.telemetry")
@@ -397,3 +441,22 @@ def test_cancel_stops_the_sweep_and_keeps_what_finished(comfy, demo_photos):
     second = [d for d in (folder / "runs").iterdir() if "EmoNavi" in d.name]
     assert second and (second[0] / "state").is_dir()  # saved at the step boundary: `sweep --resume` continues it
     assert not list(comfy.loras_dir.glob("cancelled_sweep_winner*"))  # the Trainer after it never ran
+
+
+def test_the_docs_name_every_trainer_and_options_input_and_no_other(object_info):
+    """docs/comfyui.md's input tables against /object_info: the docs cannot drift from the nodes."""
+    import re
+
+    text = (ROOT / "docs" / "comfyui.md").read_text(encoding="utf-8")
+
+    def documented(heading: str) -> set:
+        section = text.split(heading, 1)[1].split("\n#", 1)[0]
+        rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+        return {name for row in rows for name in re.findall(r"`([a-z_]+)`", row)}
+
+    for heading, node_id in (("### EmoLoRA Trainer (SDXL)", "EmoLoRA_SDXLTrainer"),
+                             ("### EmoLoRA Training Options", "EmoLoRA_TrainingOptions")):
+        info = object_info[node_id]["input"]
+        widgets = {k for part in ("required", "optional") for k, v in info.get(part, {}).items()
+                   if isinstance(v[0], list) or v[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")}
+        assert documented(heading) - {"gpus"} == widgets - {"gpus"}, node_id  # gpus: only with several GPUs

@@ -1,6 +1,7 @@
 """LoRA injection, training, kohya export/import, and loading our exports into a diffusers SDXL pipeline."""
 
 import io
+import json
 import logging
 import os
 import re
@@ -182,8 +183,8 @@ def test_kohya_export_names_and_atomic_save(model, tmp_path):
     }  # fmt: skip
     for key, value in expect.items():
         assert md[key] == value, key
-    assert eval(md["ss_network_args"].replace('"', "'")) == {"conv_dim": "2", "conv_alpha": "1.0"}
-    assert eval(md["ss_tag_frequency"]) == {"1_cat": {"cat": 3}}
+    assert json.loads(md["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "1.0"}
+    assert json.loads(md["ss_tag_frequency"]) == {"1_cat": {"cat": 3}}
     for key in ("ss_training_started_at", "ss_training_finished_at", "modelspec.date", "modelspec.sai_model_spec"):
         assert md[key]
     # kohya's sshs hashes: over the file serialised with only the ss_* metadata

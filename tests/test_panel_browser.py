@@ -336,3 +336,46 @@ def test_sweep_started_from_the_form_shows_live_in_the_sweep_view(panel, page):
     _wait(lambda: chart.locator("polyline").count() == 2, 15, "both runs' validation curves")
     assert {chart.locator("polyline").nth(i).get_attribute("data-series") for i in range(2)} == {"AdamW", "EmoNavi"}
     assert page.external_requests == []
+def test_narrow_layout_for_the_sidebar(panel, page):
+    """At 360 px (ComfyUI's sidebar) the panel is one column: no sideways scrolling, the run selector and the
+    'Follow the newest run' label the full width on one line, the charts sized to the width. Screenshots of the
+    narrow page beside the full one: $EMOLORA_ARTIFACTS/panel_narrow_vs_full.png."""
+    import io
+
+    from conftest import doc_image
+    from PIL import Image
+
+    out, url, _ = panel
+    if not (out / "runs" / "overlay-me").is_dir():
+        _finished_run(out / "runs", "overlay-me", "EmoLynx", [1.0 / s for s in range(1, 6)])
+    narrow = page.context.new_page()
+    narrow.set_viewport_size({"width": 360, "height": 900})
+    shots = {}
+    try:
+        for pg in (narrow, page):
+            pg.goto(url + "?run=overlay-me")
+            _wait(lambda pg=pg: _panel_step(pg, "overlay-me") == 5, 30, "the linked run")
+            pg.wait_for_selector("#emolora-chart-loss svg")
+            shots[pg is narrow] = pg.screenshot(full_page=True)
+        box = narrow.evaluate("""() => {
+            const b = (s) => { const r = document.querySelector(s).getBoundingClientRect();
+                               return {left: r.left, right: r.right, width: r.width, height: r.height}; };
+            return {scroll: document.documentElement.scrollWidth, run: b('#emolora-run'),
+                    follow: b('#emolora-follow label'), chart: b('#emolora-chart-loss svg'),
+                    stop: b('#emolora-stop')};
+        }""")
+    finally:
+        narrow.close()
+    assert box["scroll"] <= 360, box  # nothing wider than the sidebar
+    assert box["run"]["left"] >= 0 and box["run"]["right"] <= 360 and box["run"]["width"] >= 300, box
+    assert box["follow"]["height"] < 30 and box["follow"]["width"] >= 300, box  # one line, not letter by letter
+    assert 300 <= box["chart"]["width"] <= 360 and box["stop"]["width"] >= 300, box
+    images = [Image.open(io.BytesIO(shots[k])) for k in (True, False)]
+    side = Image.new("RGB", (sum(i.width for i in images) + 20, max(i.height for i in images)), "white")
+    side.paste(images[0], (0, 0))
+    side.paste(images[1], (images[0].width + 20, 0))
+    folder = Path(os.environ.get("EMOLORA_ARTIFACTS") or ROOT / "output" / "test-artifacts")
+    folder.mkdir(parents=True, exist_ok=True)
+    side.save(folder / "panel_narrow_vs_full.png")
+    doc_image(shots[False], "panel.png", max_width=900)
+    doc_image(shots[True], "panel_narrow.png", max_width=360)

@@ -8,11 +8,19 @@ mkstemp's 0600 would hide LoRAs and run files from e.g. a ComfyUI service user.
 """
 
 import json
+import logging
 import os
 import secrets
 import shutil
 import stat
+import time
 from pathlib import Path
+
+log = logging.getLogger("emolora.atomic")
+
+# Windows refuses to replace a file another process holds open (ComfyUI's memory-mapped LoRA, an antivirus scan,
+# a sync client): PermissionError (WinError 5/32). Short holds pass within this time; a loaded LoRA does not.
+REPLACE_WAIT_S = 3.0
 
 
 def default_mode(directory: bool = False) -> int:
@@ -45,9 +53,34 @@ def fsync_dir(folder) -> None:
         os.close(fd)
 
 
-def atomic_write(path, write) -> Path:
+def replace(src, dst, wait_s: float = REPLACE_WAIT_S) -> None:
+    """os.replace, retried with growing pauses for up to wait_s while it raises PermissionError (Windows: the
+    target is held open by another process); the last PermissionError propagates."""
+    end, pause = time.monotonic() + wait_s, 0.05
+    while True:
+        try:
+            os.replace(src, dst)
+            return
+        except PermissionError:
+            if time.monotonic() + pause > end:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+
+def free_name(path: Path) -> Path:
+    """<stem>-2<suffix>, -3, ...: the first name beside `path` that no file has."""
+    n = 2
+    while path.with_name(f"{path.stem}-{n}{path.suffix}").exists():
+        n += 1
+    return path.with_name(f"{path.stem}-{n}{path.suffix}")
+
+
+def atomic_write(path, write, *, new_name_if_held: bool = False) -> Path:
     """Call write(tmp_path) for a new temporary file beside `path`, fsync it, rename it over `path`, fsync
-    the folder. If write raises, the temporary file is removed and the old `path` is untouched."""
+    the folder. If write raises, the temporary file is removed and the old `path` is untouched. Returns the
+    path written: with new_name_if_held, a `path` that another process keeps open past REPLACE_WAIT_S
+    (Windows) is left as it is and the data goes to free_name(path) instead, with a warning naming both."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
@@ -64,7 +97,15 @@ def atomic_write(path, write) -> Path:
         os.chmod(tmp, mode)  # some writers (safetensors) replace the file with a 0600 one of their own
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            replace(tmp, path)
+        except PermissionError as e:
+            if not new_name_if_held:
+                raise
+            held, path = path, free_name(path)
+            os.replace(tmp, path)  # a new name: nothing holds it
+            log.warning("could not replace %s (%s; on Windows: another program, e.g. ComfyUI with this LoRA "
+                        "loaded, holds it open): saved as %s instead", held, e.strerror or e, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -72,8 +113,8 @@ def atomic_write(path, write) -> Path:
     return path
 
 
-def atomic_write_bytes(path, data: bytes) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+def atomic_write_bytes(path, data: bytes, *, new_name_if_held: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), new_name_if_held=new_name_if_held)
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -104,7 +145,7 @@ def atomic_directory(path, build) -> Path:
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         try:
-            os.replace(tmp, path)
+            replace(tmp, path)
         except OSError:  # a concurrent builder's folder landed in between: keep theirs
             if not path.is_dir():
                 raise

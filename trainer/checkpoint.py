@@ -21,7 +21,8 @@ def step_path(output, step: int) -> Path:
 def save_lora(cfg, run: RunSetup, loop: LoopState, store, path=None, *, stop_reason=None,
               summary: dict | None = None) -> str | None:
     """Write the LoRA (kohya keys, ss_* metadata, the run's summary as emolora_*) atomically; default: the
-    configured output. None when the weights are not finite in the save dtype: nothing is written (any
+    configured output. Returns the path written (a new name beside `path` when another program holds it open,
+    on Windows), or None when the weights are not finite in the save dtype: nothing is written (any
     earlier file stays) and a "save_refused" event records it."""
     from . import model as M
     from .model.errors import NonFiniteLoRAError
@@ -29,14 +30,16 @@ def save_lora(cfg, run: RunSetup, loop: LoopState, store, path=None, *, stop_rea
     path = Path(path or cfg.output).expanduser()
     meta = kohya_metadata(cfg, run, loop, stop_reason, summary or {})
     try:
-        M.save_lora(path, run.network, meta, dtype=DTYPES[cfg.save_dtype])
+        written = M.save_lora(path, run.network, meta, dtype=DTYPES[cfg.save_dtype])
     except NonFiniteLoRAError as e:
         log.error("%s", e)
         store.event(loop.step, "save_refused", {"error": str(e), "path": str(path)})
         return None
-    store.event(loop.step, "save", {"path": str(path)})
-    log.info("saved %s (step %d)", path, loop.step)
-    return str(path)
+    if Path(written) != path:  # `path` was held open by another program (Windows): the weights went beside it
+        store.event(loop.step, "save_renamed", {"path": str(written), "held": str(path)})
+    store.event(loop.step, "save", {"path": str(written)})
+    log.info("saved %s (step %d)", written, loop.step)
+    return str(written)
 
 
 def kohya_metadata(cfg, run: RunSetup, loop: LoopState, stop_reason, summary: dict) -> dict:

@@ -254,6 +254,11 @@ def _bit_sums(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([bits.sum(), (bits * weights).sum()])
 
 
+def process_backend(device_type: str, windows: bool = os.name == "nt") -> str:
+    """NCCL for CUDA ranks, gloo otherwise; Windows builds of torch have no NCCL, so gloo there for CUDA too."""
+    return "nccl" if device_type == "cuda" and not windows else "gloo"
+
+
 def setup(cfg):
     """Join the launcher's process group (if any). -> (cfg with this rank's device, Dist).
 
@@ -268,12 +273,12 @@ def setup(cfg):
             raise ValueError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) visible")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    backend = process_backend(device.type)
     dist = Dist(rank, world, local_rank)
     timeout = timedelta(seconds=timeout_s())
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend, timeout=timeout, **(
-            {"device_id": device} if device.type == "cuda" else {}))
+            {"device_id": device} if backend == "nccl" else {}))
         dist.owns_group = True
     dist.cpu_group = (torch.distributed.new_group(backend="gloo", timeout=timeout) if backend != "gloo"
                       else torch.distributed.group.WORLD)

@@ -2,7 +2,8 @@
 
     <runs_dir>/<run_name>/
         config.json        the resolved TrainConfig
-        telemetry.sqlite   SQLite in WAL mode: steps(step, t, data), events(id, step, t, kind, data), meta
+        telemetry.sqlite   SQLite (WAL mode; see journal_mode): steps(step, t, data), events(id, step, t, kind,
+                           data), meta
         control.json       {"stop", "save_now", "auto_stop"}: written by RunController, polled by the trainer
         dataset.txt        one line per skipped/converted file and the summary
         state/             the resumable training state
@@ -12,9 +13,14 @@ WAL lets readers in other threads or processes query while the trainer writes; e
 one commit (synchronous=NORMAL: no fsync per commit). Step records are JSON objects with every field the
 trainer logged (loss, lr, the optimizer's signals, timings, memory), so new signals need no schema change.
 No torch import here: the panel process reads runs without it.
+
+WAL needs shared memory beside the database (-shm), which a network drive cannot give and a sync client
+(OneDrive, Dropbox, ...) breaks by copying the three files separately: there the store uses the classic rollback
+journal (readers and the writer take turns; busy_timeout covers the waits) and says so (meta journal_note).
 """
 
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -24,6 +30,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_json
 
+log = logging.getLogger("emolora.runstore")
 DB_NAME = "telemetry.sqlite"
 CONTROL_NAME = "control.json"
 STATUSES = ("running", "finished", "stopped", "failed")
@@ -56,6 +63,44 @@ def _dumps(obj) -> str:
     return json.dumps(_clean(obj), separators=(",", ":"), allow_nan=False)
 
 
+SYNCED_FOLDERS = ("onedrive", "dropbox", "google drive", "googledrive", "icloud drive", "iclouddrive", "box sync",
+                  "nextcloud", "owncloud", "syncthing")
+
+
+def wal_unsafe_reason(folder) -> str | None:
+    """Why WAL must not be used in `folder`: a network share (a UNC path, or on Windows a drive the system reports
+    as remote) or a sync client's folder (by the names those clients give their folders). None: a local folder."""
+    text = str(folder)
+    if text.startswith(("\\\\", "//")):
+        return f"{text} is a network share"
+    if os.name == "nt":
+        import ctypes
+
+        drive = os.path.splitdrive(os.path.abspath(text))[0]
+        if drive and ctypes.windll.kernel32.GetDriveTypeW(drive + "\\") == 4:  # DRIVE_REMOTE
+            return f"{drive} is a network drive"
+    parts = [p.lower() for p in Path(text).parts]
+    synced = next((p for p in parts if any(p == s or p.startswith(s + " ") or p.startswith(s + "-")
+                                            for s in SYNCED_FOLDERS)), None)
+    return f"{text} is in a synced folder ({synced})" if synced else None
+
+
+def set_journal(db, folder) -> tuple[str, str | None]:
+    """WAL where it works, else the rollback journal (DELETE). -> (mode, a note saying why not WAL, or None)."""
+    reason = wal_unsafe_reason(folder)
+    if reason is None:
+        try:
+            mode = str(db.execute("PRAGMA journal_mode=WAL").fetchone()[0]).lower()
+        except sqlite3.OperationalError as e:
+            mode, reason = "error", f"SQLite could not switch to WAL there ({e})"
+        if mode == "wal":
+            return "wal", None
+        reason = reason or f"SQLite refused WAL there (journal mode {mode})"
+    db.execute("PRAGMA journal_mode=DELETE")
+    return "delete", (f"telemetry without WAL: {reason}; readers and the trainer take turns on the database "
+                      "(a little slower), and live charts still work")
+
+
 class RunStore:
     """The trainer's writer for one run folder."""
 
@@ -64,10 +109,13 @@ class RunStore:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.run_dir / DB_NAME, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self.journal_mode, self.journal_note = set_journal(self._db, self.run_dir)
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        if self.journal_note:
+            log.warning("%s", self.journal_note)
+            self.set_meta(journal_mode=self.journal_mode, journal_note=self.journal_note)
 
     @property
     def state_dir(self) -> Path:

@@ -162,7 +162,8 @@ def network_module_and_args(network) -> tuple[str, dict]:
 
 def save_lora(path, network, metadata: dict, dtype: torch.dtype = torch.float16) -> str:
     """Write the LoRA atomically (temp file in the same folder, then os.replace), adding kohya's
-    sshs_model_hash / sshs_legacy_hash computed over the file as serialised with only ss_* metadata."""
+    sshs_model_hash / sshs_legacy_hash computed over the file as serialised with only ss_* metadata. Returns the
+    path written: where another program holds `path` open (Windows), a new name beside it (atomic.free_name)."""
     from safetensors.torch import save
 
     path = os.fspath(path)
@@ -176,5 +177,4 @@ def save_lora(path, network, metadata: dict, dtype: torch.dtype = torch.float16)
     meta["sshs_model_hash"] = hashes.safetensors_data_hash(probe)
     meta["sshs_legacy_hash"] = hashes.legacy_bytes_hash(probe)
     del probe
-    atomic_write_bytes(path, save(sd, meta))
-    return path
+    return os.fspath(atomic_write_bytes(path, save(sd, meta), new_name_if_held=True))

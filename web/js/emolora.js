@@ -7,7 +7,8 @@ import { api } from "../../scripts/api.js";
 import { OPTIMIZER, followDefaults } from "./emolora_defaults.js";
 import { registerPanelTab } from "./emolora_sidebar.js";
 
-const TRAINER = "EmoLoRA_Trainer";
+// The compact Trainer and the v0.1.0 all-options node kept for saved workflows: both train and draw the chart.
+const TRAINERS = ["EmoLoRA_SDXLTrainer", "EmoLoRA_Trainer"];
 const EVENT = "emolora.telemetry";
 const MAX_POINTS = 2000;
 const CHART_H = 140;
@@ -101,7 +102,7 @@ function onTelemetry(event) {
   const graph = app.graph;
   if (!graph || d.node === null || d.node === undefined) return;
   const node = graph.getNodeById(Number(d.node)) || graph.getNodeById(d.node);
-  if (!node || node.type !== TRAINER) return;
+  if (!node || !TRAINERS.includes(node.type)) return;
   const s = series(node);
   if (d.status === "starting") {
     s.step = []; s.loss = []; s.emo = []; s.lora = null;
@@ -127,8 +128,8 @@ app.registerExtension({
     registerPanelTab(app, api, state);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name === OPTIMIZER || nodeData.name === TRAINER) followDefaults(nodeType, nodeData.name, api);
-    if (nodeData.name === TRAINER) {
+    if (nodeData.name === OPTIMIZER || TRAINERS.includes(nodeData.name)) followDefaults(nodeType, nodeData.name, api);
+    if (TRAINERS.includes(nodeData.name)) {
       const created = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function () {
         const r = created?.apply(this, arguments);

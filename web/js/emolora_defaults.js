@@ -1,6 +1,6 @@
 // Real values in the widgets, never sentinels: picking an optimizer (or an optimizer preset) on the Optimizer node
 // fills lr, betas, weight decay, ... with what that optimizer trains with; picking a training preset on the
-// Trainer node fills its widgets (and the linked Dataset node's) with the preset's values. The values come from
+// Trainer node fills its widgets (and the linked Training Options and Dataset nodes') with the preset's values. The values come from
 // GET /emolora/defaults, computed by the trainer's own config merge. Only a user's pick changes widgets: a loaded
 // workflow keeps the values it recorded, which are the values that trained.
 
@@ -60,14 +60,14 @@ async function fillTrainer(node, api) {
   const preset = widget(node, "preset")?.value;
   if (!preset || preset === NO_PRESET) return;
   const settings = t.training_presets[preset]?.settings || {};
-  const dataset = linkedNode(node, "dataset");
+  const linked = [linkedNode(node, "options"), linkedNode(node, "dataset")].filter(Boolean);
   for (const [key, raw] of Object.entries(settings)) {
     const [name, map] = CONFIG_TO_WIDGET[key] || [key, (v) => v];
     let value = map(raw);
     if (key === "alpha" && value === null) value = 0;  // the widget's "equal to rank"
-    if (!setWidget(node, name, value)) setWidget(dataset, name, value);
+    if (!setWidget(node, name, value)) linked.some((other) => setWidget(other, name, value));
   }
-  node.setDirtyCanvas?.(true, true);
+  for (const n of [node, ...linked]) n.setDirtyCanvas?.(true, true);
 }
 
 function onPick(node, names, fill) {

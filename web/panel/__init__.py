@@ -52,7 +52,7 @@ def launch(runs_dir=None, host: str = "127.0.0.1", port: int | None = DEFAULT_PO
 
 def serve(panel, host: str, port: int | None, auth=None, quiet: bool = True):
     """Serve PanelApp `panel` with Gradio in a background thread: (url, demo); demo.close() ends it."""
-    from .app import CSS, theme
+    from .app import CSS, HEAD, theme
 
     demo = panel.build()
     demo.queue(default_concurrency_limit=2)
@@ -61,7 +61,7 @@ def serve(panel, host: str, port: int | None, auth=None, quiet: bool = True):
                             show_error=True, ssr_mode=False, mcp_server=False, enable_monitoring=False,
                             inbrowser=False, allowed_paths=[], blocked_paths=[], num_workers=0,
                             auth=list(auth) if auth else None,
-                            auth_message="EmoLoRA panel: sign in" if auth else None, theme=theme(), css=CSS,
+                            auth_message="EmoLoRA panel: sign in" if auth else None, theme=theme(), css=CSS, head=HEAD,
                             footer_links=[])
     panel.serve_with(demo)
     return url, demo

@@ -31,7 +31,17 @@ CSS = """
 #emolora-status .emo-big { font-size:22px; font-weight:700; }
 #emolora-status .emo-warn { color:#b91c1c; font-weight:600; }
 .emolora-plot svg { width:100%; height:auto; border-radius:6px; }
+/* Narrow (ComfyUI's sidebar, a phone): one column, every control the full width, labels on one line. */
+@media (max-width: 560px) {
+  .emolora-row { flex-direction: column !important; flex-wrap: nowrap !important; gap: 6px !important; }
+  .emolora-row > * { width: 100% !important; min-width: 0 !important; flex: 1 1 auto !important; }
+  #emolora-status .emo-row { gap: 4px 12px; font-size: 13px; }
+  #emolora-status .emo-big { font-size: 18px; }
+  #emolora-files { max-height: 140px; }
+}
 """
+# Gradio scopes CSS to its content, so the page gutter (32 px a side, a fifth of a sidebar) is styled from <head>.
+HEAD = "<style>@media (max-width: 560px) { .gradio-container .main.fillable { padding: 4px 6px !important; } }</style>"
 
 
 class PanelApp:
@@ -380,33 +390,34 @@ class PanelApp:
         with gr.Blocks(title="EmoLoRA panel", analytics_enabled=False, delete_cache=(600, 1800)) as demo:
             st = gr.State({})
             gr.Markdown(f"### EmoLoRA training panel\nOutput folder: `{self.root.root}`")
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 run = gr.Dropdown(label="Run", choices=[], value=None, scale=3, elem_id="emolora-run")
                 follow = gr.Checkbox(label="Follow the newest run", value=True, scale=1,
                                      elem_id="emolora-follow")
                 compare = gr.Dropdown(label="Overlay another run", choices=[("(none)", "")], value="", scale=2,
                                       elem_id="emolora-compare")
             status = gr.HTML(elem_id="emolora-status")
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 auto = gr.Checkbox(label="Auto-stop when should_stop rises", value=True, elem_id="emolora-autostop")
                 stop_btn = gr.Button("Stop (save and end)", variant="stop", elem_id="emolora-stop", interactive=False)
                 save_btn = gr.Button("Save now", elem_id="emolora-save", interactive=False)
                 resume_btn = gr.Button("Resume", elem_id="emolora-resume", interactive=False)
             action = gr.Markdown(elem_id="emolora-action")
             chart = {}
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 chart["loss"] = gr.HTML(elem_id="emolora-chart-loss", elem_classes="emolora-plot")
                 chart["emo"] = gr.HTML(elem_id="emolora-chart-emo", elem_classes="emolora-plot", visible=False)
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 chart["lr"] = gr.HTML(elem_id="emolora-chart-lr", elem_classes="emolora-plot", visible=False)
                 chart["shadow"] = gr.HTML(elem_id="emolora-chart-shadow", elem_classes="emolora-plot", visible=False)
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 chart["trust"] = gr.HTML(elem_id="emolora-chart-trust", elem_classes="emolora-plot", visible=False)
                 chart["more"] = gr.HTML(elem_id="emolora-chart-more", elem_classes="emolora-plot", visible=False)
             more_sel = gr.Dropdown(label="More signals", choices=[], value=[], multiselect=True,
                                    elem_id="emolora-more")
-            with gr.Row():
-                gallery = gr.Gallery(label="Samples", visible=False, columns=4, height=260, elem_id="emolora-samples")
+            with gr.Row(elem_classes="emolora-row"):
+                gallery = gr.Gallery(label="Samples", visible=False, columns=[2, 3, 4, 4, 4, 4], height=260,
+                                     elem_id="emolora-samples")  # 2 a row when narrow
                 files = gr.File(label="LoRA files", file_count="multiple", interactive=False, elem_id="emolora-files")
             sweep = self._sweep_view()
             f = self._start_form()
@@ -454,13 +465,13 @@ class PanelApp:
         presets = [form.NONE] + [p["name"] for p in form.training_presets()]
         f = {}
         with gr.Accordion("Start a run", open=False, elem_id="emolora-start-form"):
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 f["model"] = gr.Dropdown(label=f"SDXL model (.safetensors or diffusers folder) in {self.model_roots}",
                                          choices=[], value=None, allow_custom_value=True, scale=3,
                                          elem_id="emolora-f-model")
                 f["dataset"] = gr.Dropdown(label=f"Dataset folder in {self.data_roots}", choices=[], value=None,
                                            allow_custom_value=True, scale=3, elem_id="emolora-f-dataset")
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 f["preset"] = gr.Dropdown(label="Training preset", choices=presets, value=form.NONE,
                                           elem_id="emolora-f-preset")
                 f["steps"] = gr.Number(label="Steps", value=values["steps"], precision=0, minimum=1,
@@ -471,21 +482,21 @@ class PanelApp:
                                       elem_id="emolora-f-rank")
                 f["name"] = gr.Textbox(label="Run name (optional)", elem_id="emolora-f-name")
             f["note"] = gr.Markdown(values["note"], elem_id="emolora-f-preset-note")
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 f["optimizer"] = gr.Dropdown(label="Optimizer", choices=list(OPTIMIZER_NAMES), value="EmoNavi",
                                              elem_id="emolora-f-optimizer")
                 f["lr"] = gr.Number(label="Learning rate (the EmoSens line: emoScope)", value=values["lr"],
                                     minimum=0, elem_id="emolora-f-lr")
                 f["args_text"] = gr.Textbox(label="Optimizer arguments (JSON: its defaults; change any)",
                                             value=values["args_text"], lines=2, scale=3, elem_id="emolora-f-args")
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 f["network"] = gr.Dropdown(label="Network", choices=list(form.NETWORK_TYPES),
                                            value=values["network"], elem_id="emolora-f-network")
                 f["dora"] = gr.Checkbox(label="DoRA", value=values["dora"], elem_id="emolora-f-dora")
                 f["rslora"] = gr.Checkbox(label="rsLoRA", value=values["rslora"], elem_id="emolora-f-rslora")
                 f["mask"] = gr.Dropdown(label="Masked loss", choices=list(form.MASKS), value=values["mask"],
                                         elem_id="emolora-f-mask")
-            with gr.Row():
+            with gr.Row(elem_classes="emolora-row"):
                 f["validation_split"] = gr.Number(label="Validation split (0: none)", value=values["validation_split"],
                                                   minimum=0,
                                                   maximum=0.9, step=0.05, elem_id="emolora-f-vsplit")

@@ -6,7 +6,6 @@ like any other run. The process's output goes to <output folder>/panel-logs/<run
 """
 
 import json
-import os
 import re
 import subprocess
 import threading
@@ -14,7 +13,7 @@ import time
 from pathlib import Path
 
 from ...trainer.config import build_config
-from ...trainer.launch import launch_command
+from ...trainer.launch import child_env, launch_command, popen_group_options
 from .paths import SAFE_NAME, PathError
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent.parent  # the folder holding trainer/: `-m trainer` runs there
@@ -66,14 +65,13 @@ def start(root, cmd: list, name: str) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{name}.log"
     cwd = str(PACKAGE_ROOT)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = cwd + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env(cwd)  # the trainer importable; USE_LIBUV=0 for torchrun on Windows
     env.setdefault("PYTHONUNBUFFERED", "1")
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
         log.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, **popen_group_options())
     proc.log_path = log_path
     proc.started = time.time()
     with _lock:
