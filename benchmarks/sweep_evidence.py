@@ -1,0 +1,112 @@
+"""Does feeding the loss matter? The paired comparison behind the README's evidence table.
+
+Reads one or more sweep folders (`python -m trainer sweep ... --loss-control --optimizer-loss raw,normalized
+--seeds 2`) and prints, per optimizer, the validation gain (start - end) of each variant and the paired
+difference of the final validation loss against the raw-fed run of the same seed (same data split, noise and
+timesteps: only what the optimizer is handed differs).
+
+Verdict rule (written under the table): "identical" when the LoRAs are bit-identical for every seed; "lower" /
+"higher" only when every seed's paired difference has the same sign and their mean exceeds the spread between
+the seeds' differences (max - min); otherwise "no difference".
+
+    python benchmarks/sweep_evidence.py SWEEP_DIR [SWEEP_DIR ...]
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+VARIANTS = ("raw", "normalized", "withheld")
+
+
+def load_rows(folders) -> list[dict]:
+    rows = []
+    for folder in folders:
+        doc = json.loads((Path(folder) / "sweep.json").read_text())
+        rows += [r for r in doc["rows"] if r.get("stop_reason") not in ("failed", None)]
+    return rows
+
+
+def verdict(diffs: list[float], identical: list) -> str:
+    if identical and all(x is True for x in identical):
+        return "identical"
+    if len(diffs) < 2:
+        return "one seed"
+    mean, spread = statistics.fmean(diffs), max(diffs) - min(diffs)
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if same_sign and abs(mean) > spread:
+        return "lower" if mean < 0 else "higher"
+    return "no difference"
+
+
+def main_zone(zones: dict) -> str:
+    """The zones other than the neutral one, largest first (the neutral share is 1 minus their sum)."""
+    parts = sorted(((v, k) for k, v in (zones or {}).items() if k != "neutral" and v), reverse=True)
+    return ", ".join(f"{k} {v:.0%}" for v, k in parts[:2]) or "neutral 100%"
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    out = []
+    for opt in dict.fromkeys(r["optimizer"] for r in rows):
+        mine = [r for r in rows if r["optimizer"] == opt]
+        by = {(r["optimizer_loss"], r["seed"]): r for r in mine}
+        seeds = sorted({r["seed"] for r in mine if r["optimizer_loss"] == "raw"})
+        entry = {"optimizer": opt, "lr": mine[0]["lr"], "seeds": seeds, "variants": {}}
+        for v in VARIANTS:
+            runs = [by[(v, s)] for s in seeds if (v, s) in by]
+            if not runs:
+                continue
+            gains = [r["val_loss_start"] - r["val_loss_end"] for r in runs]
+            item = {"n": len(runs), "gain": statistics.fmean(gains),
+                    "gain_spread": max(gains) - min(gains) if len(gains) > 1 else None,
+                    "end": statistics.fmean(r["val_loss_end"] for r in runs),
+                    "loss_cv": statistics.fmean(r["optimizer_loss_cv"] or 0.0 for r in runs),
+                    "zones": main_zone(runs[0]["zones"]), "stops": sorted({r["stop_reason"] for r in runs})}
+            if v != "raw" and len(runs) == len(seeds):
+                diffs = [by[(v, s)]["val_loss_end"] - by[("raw", s)]["val_loss_end"] for s in seeds]
+                item["diff"] = statistics.fmean(diffs)
+                item["verdict"] = verdict(diffs, [by[(v, s)].get("identical") for s in seeds])
+            entry["variants"][v] = item
+        out.append(entry)
+    return out
+
+
+def fmt_variant(item: dict | None) -> str:
+    if item is None:
+        return "not run"
+    if "verdict" not in item:
+        return "-"
+    if item["verdict"] == "identical":
+        return "identical"
+    return f"{item['diff']:+.4f} ({item['verdict']})"
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| optimizer (lr) | seeds | val. gain, raw fed (seed spread) | normalized vs raw | withheld vs raw | "
+             "zones: raw / normalized / withheld | CV fed to the optimizer: raw / normalized |",
+             "|---|---:|---|---|---|---|---|"]
+    for e in summary:
+        v = e["variants"]
+        raw = v.get("raw")
+        gain = "-" if raw is None else (f"{raw['gain']:.4f}" + (f" (±{raw['gain_spread'] / 2:.4f})"
+                                                                  if raw["gain_spread"] is not None else ""))
+        zones = " / ".join(v[k]["zones"] if k in v else "-" for k in VARIANTS)
+        cv = " / ".join(f"{v[k]['loss_cv']:.2f}" if k in v else "-" for k in ("raw", "normalized"))
+        lines.append(f"| {e['optimizer']} ({e['lr']:g}) | {len(e['seeds'])} | {gain} | "
+                     f"{fmt_variant(v.get('normalized'))} | {fmt_variant(v.get('withheld'))} | {zones} | {cv} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folders", nargs="+", help="sweep folders (each with sweep.json)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    args = p.parse_args(argv)
+    summary = summarize(load_rows(args.folders))
+    print(json.dumps(summary, indent=1) if args.json else table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
