@@ -83,6 +83,19 @@ def _table_rows(text: str):
             yield command, line
 
 
+# Options that prose names in a code span of their own and that belong to other tools (or are a placeholder).
+OTHER_TOOLS = {"--unet": "benchmarks/bench_gpu.py", "--fp8_base": "kohya sd-scripts", "--option": "a placeholder"}
+
+
+def unknown_bare_options(text: str) -> list:
+    """Options named in prose as a code span of their own (`--lokr-factor`, `--offload blocks`) that no trainer
+    command has: such a span names the trainer's option unless OTHER_TOOLS says whose it is."""
+    every = set().union(*command_options().values()) | set(OTHER_TOOLS)
+    spans = [span for line, in_code in _prose_and_code(text) if not in_code
+             for span in re.findall(r"`([^`\n]*)`", line) if span.lstrip().startswith("--")]
+    return sorted({opt for span in spans for opt in OPTION.findall(span) if opt not in every})
+
+
 def unknown_commands(text: str) -> list:
     known = command_options()
     return sorted({cmd for cmd, _ in _command_lines(text) if cmd not in known})
@@ -157,6 +170,11 @@ def test_every_option_the_docs_name_exists_on_its_command():
     assert not {k: v for k, v in bad.items() if v}
 
 
+def test_every_option_named_alone_is_a_trainer_option():
+    bad = {p.name: unknown_bare_options(_read(p)) for p in PAGES}
+    assert not {k: v for k, v in bad.items() if v}
+
+
 def test_the_docs_check_options_at_all():
     """The pages do name options in the places the check reads (else the check above proves nothing)."""
     named = {(cmd, opt) for p in PAGES for cmd, rest in [*_command_lines(_read(p)), *_table_rows(_read(p))]
@@ -185,10 +203,12 @@ def test_the_checks_catch_drift(tmp_path):
         ".venv/bin/python -m trainer sweep --optimizers all \\",
         "    --steps 5 --output-dir x",
         "```",
+        "Prose: `--rank`, `--lokr-factr`, `--network lora --dora-typo`, not `trainer --unchecked`.",
         "[a page](missing.md), ![img](images/none.png), <img src=\"nope.png\">, [ok](#title), [bad](#nowhere)",
     ])
     assert unknown_commands(doc) == ["trian"]
     assert undefined_options(doc) == ["sweep --output-dir", "train --bogus-flag", "train --no-such-table-option"]
+    assert unknown_bare_options(doc) == ["--dora-typo", "--lokr-factr", "--no-such-table-option"]
     page = tmp_path / "page.md"
     page.write_text(doc, encoding="utf-8")
     assert broken_links(page, doc) == ["missing.md (no file)", "images/none.png (no file)", "#nowhere (no such heading)",
