@@ -28,6 +28,7 @@ from .training import (
     free_comfy_models,
     preset_status,
     resume_choices,
+    result_text,
     resume_run_dir,
     run_training,
 )
@@ -222,9 +223,7 @@ class EmoLoRATrainer(io.ComfyNode):
         cfg = out["config"]
         samples = to_image_batch(out["samples"], fallback_size=cfg.sample_size or 64)
         chosen = None if preset == NO_PRESET else preset
-        lines = [f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})", out["message"],
-                 out["validation"], f"run: {out['run_dir']}", preset_status(chosen, cfg)]
-        shown = {**ui.PreviewText("\n".join(x for x in lines if x)).as_dict()}
+        shown = {**ui.PreviewText(result_text(out, preset_status(chosen, cfg))).as_dict()}
         if out["samples"]:
             shown.update(ui.PreviewImage(samples, cls=cls).as_dict())
         return io.NodeOutput(out["lora_name"], telemetry_image(out["run_dir"]), out["run_dir"], samples, ui=shown)
