@@ -19,6 +19,7 @@ from .training import (
     comfy_device,
     free_comfy_models,
     preset_status,
+    result_text,
     resume_run_dir,
     run_training,
     widgets_to_config,
@@ -104,9 +105,7 @@ def train_node(cls, dataset, optimizer, values: dict) -> io.NodeOutput:
                        check_cancel=comfy.model_management.throw_exception_if_processing_interrupted, **options)
     cfg = out["config"]
     samples = to_image_batch(out["samples"], fallback_size=cfg.sample_size or 64)
-    lines = [f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})", out["message"],
-             out["validation"], f"run: {out['run_dir']}", preset_status(preset, cfg)]
-    shown = {**ui.PreviewText("\n".join(x for x in lines if x)).as_dict()}
+    shown = {**ui.PreviewText(result_text(out, preset_status(preset, cfg))).as_dict()}
     if out["samples"]:
         shown.update(ui.PreviewImage(samples, cls=cls).as_dict())
     return io.NodeOutput(out["lora_name"], telemetry_image(out["run_dir"]), out["run_dir"], samples, ui=shown)

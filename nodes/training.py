@@ -222,7 +222,8 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     numbers must equal the run's (a difference is an error naming each), the others (steps, saves, samples,
     stop rules: trainer.config.RESUME_MAY_CHANGE) are this call's.
     Returns {lora_path, lora_name, run_dir, steps_done, stop_reason, samples, config, message (why it stopped,
-    when that needs words: diverged), validation (the validation loss in words, or "")}."""
+    when that needs words: diverged), validation (the validation loss in words, or ""), barely_moving (the
+    "barely changed the LoRA" warning, or "")}."""
     import torch
 
     from ..trainer.config import build_config, load_run_config
@@ -267,6 +268,9 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
                 send_event(TELEMETRY_EVENT, {"node": node, "status": "sample", "step": step,
                                              "steps_total": rec["steps_total"], "run_dir": rec["run_dir"],
                                              "samples": len(images)})
+        if rec.get("barely_moving"):  # once a run: the trainer's "barely changed the LoRA" warning
+            send_event(TELEMETRY_EVENT, {"node": node, "status": "warning", "step": step,
+                                         "message": rec["barely_moving"]})
         if throttle.ready(force=last or step == 1):
             send_event(TELEMETRY_EVENT, {**event_payload(rec, node_id, config.optimizer), "run_dir": rec["run_dir"],
                                          "status": "running"})
@@ -330,5 +334,28 @@ def run_training(*, checkpoint: str, dataset: DatasetSpec, optimizer: OptimizerS
     rel = os.path.relpath(result.lora_path, lora_dir)
     return {"lora_path": result.lora_path, "lora_name": rel.replace(os.sep, "/"), "run_dir": result.run_dir,
             "steps_done": result.steps_done, "stop_reason": result.stop_reason, "samples": list(samples),
-            "config": config, "message": result.message or "", "validation": validation_line(result.summary)}
+            "config": config, "message": result.message or "", "validation": validation_line(result.summary),
+            "barely_moving": barely_moving_message(result.run_dir)}
+
+
+def result_text(out: dict, preset_line: str = "") -> str:
+    """The Trainer node's text output: the LoRA and its steps, why it stopped, the "barely changed the LoRA"
+    warning, the validation loss, the run folder and the preset line (empty lines left out)."""
+    lines = [f"{out['lora_name']}: {out['steps_done']} steps ({out['stop_reason']})", out["message"],
+             out["barely_moving"], out["validation"], f"run: {out['run_dir']}", preset_line]
+    return "\n".join(x for x in lines if x)
+
+
+def barely_moving_message(run_dir) -> str:
+    """The run's "barely changed the LoRA" warning (its store's barely_moving event, also when a torchrun child or
+    an earlier part of a resumed run raised it), or ""."""
+    from ..trainer.runstore import RunReader
+
+    reader = RunReader(run_dir)
+    try:
+        events = reader.events(kind="barely_moving")
+    finally:
+        reader.close()
+    data = events[-1].get("data") if events else None
+    return str(data.get("message") or "") if isinstance(data, dict) else ""
 

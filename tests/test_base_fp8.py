@@ -95,8 +95,9 @@ def test_full_size_sdxl_unet_holds_at_most_52_percent_of_its_bf16_bytes_under_fp
 
 # ---- adapters on an fp8 base ---------------------------------------------------------------------------------------
 def test_every_adapter_type_on_an_fp8_base_computes_as_on_its_dequantized_weights():
-    """LoRA, DoRA, rsLoRA, LoHa, LoKr, Tucker, OFT, BOFT on the float8 base give the output and gradients of the same adapter
-    on a plain model holding the upcast weights (the adapters read the base only through forward/dense_weight)."""
+    """LoRA, DoRA, rsLoRA, LoHa, LoKr, Tucker, OFT, BOFT on the float8 base give the output and gradients of the
+    same adapter on a plain model holding the upcast weights (the adapters read the base only through
+    forward/dense_weight)."""
     tiny = tiny_model_path()
     fp8, plain = load_sdxl(tiny, base_dtype="fp8"), load_sdxl(tiny)
     with torch.no_grad():

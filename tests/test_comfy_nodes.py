@@ -383,6 +383,36 @@ def test_run_training_loha_then_continue_it(tmp_path, monkeypatch, one_thread):
 
 
 @pytest.mark.slow
+def test_a_lora_that_barely_moves_is_warned_about_in_the_text_and_once_live(tmp_path, monkeypatch, one_thread):
+    """AutoTrustGO at its preset LR moves the tiny model's LoRA ~300x less than AdamW (docs/sweep.md): the node's
+    text output and one "warning" telemetry event carry the trainer's message; AdamW at the same LR has neither."""
+    from trainer.model import tiny_model_path
+
+    training = sub("nodes.training")
+    events = []
+    monkeypatch.setattr(training, "send_event", lambda name, data: events.append(data))
+    dataset = sub("nodes.dataset_spec").build_dataset(str(_tiny_dataset(tmp_path / "data")), 64, False, 64, 1, False)
+    kw = dict(checkpoint=tiny_model_path(), dataset=dataset, lora_dir=str(tmp_path / "loras"),
+              runs_dir=str(tmp_path / "runs"), cache_dir=str(tmp_path / "cache"), node_id="7", device="cpu",
+              rank=4, steps=21, mixed_precision="no", gradient_checkpointing=False)  # the window: 20 steps
+    slow_spec = _spec("AutoTrustGO")
+    assert slow_spec.overrides()["lr"] == pytest.approx(1e-4)  # its preset LR
+    slow = training.run_training(output_name="slow", optimizer=slow_spec, **kw)
+    warned = [d for d in events if d.get("status") == "warning"]
+    assert len(warned) == 1 and warned[0]["node"] == "7" and warned[0]["step"] == 21
+    assert warned[0]["message"].startswith("AutoTrustGO at lr 0.0001 has barely changed the LoRA in 20 steps")
+    assert warned[0]["message"].endswith("try a higher LR") and slow["barely_moving"] == warned[0]["message"]
+    assert warned[0]["message"] in training.result_text(slow).splitlines()  # the node's text output
+    json.dumps(warned[0])  # the browser's JSON
+    assert events[-1]["status"] == "done"  # the warning did not end the run
+    events.clear()
+    moving = training.run_training(output_name="moving", optimizer=_spec("AdamW", lr=1e-4), **kw)
+    assert moving["barely_moving"] == "" and not [d for d in events if d.get("status") == "warning"]
+    assert "barely changed" not in training.result_text(moving)
+    assert moving["stop_reason"] == slow["stop_reason"] == "finished"
+
+
+@pytest.mark.slow
 def test_run_training_with_validation_and_masks_from_the_nodes(tmp_path, monkeypatch, one_thread):
     """The Dataset node's validation split and masks and the Trainer node's validation inputs reach the trainer."""
 

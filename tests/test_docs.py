@@ -211,8 +211,8 @@ def test_the_checks_catch_drift(tmp_path):
     assert unknown_bare_options(doc) == ["--dora-typo", "--lokr-factr", "--no-such-table-option"]
     page = tmp_path / "page.md"
     page.write_text(doc, encoding="utf-8")
-    assert broken_links(page, doc) == ["missing.md (no file)", "images/none.png (no file)", "#nowhere (no such heading)",
-                                       "nope.png (no file)"]
+    assert broken_links(page, doc) == ["missing.md (no file)", "images/none.png (no file)",
+                                       "#nowhere (no such heading)", "nope.png (no file)"]
 
 
 def test_slug_follows_github():

@@ -204,6 +204,7 @@ def test_panel_follows_and_controls_live_runs(panel, page, tmp_path, request):
           "the LoRA offered for download")
 
     page.wait_for_selector("#emolora-chart-more svg")  # the optimizer's other signals (stop_base, noise_est ...)
+    page.wait_for_selector("#emolora-chart-motion svg polyline")  # the per-step update/weight ratio, drawn
 
     # ---- the page rendered from the panel alone: no CDN, no fonts, no analytics
     assert page.external_requests == []

@@ -117,6 +117,77 @@ def test_the_validation_loss_is_drawn_beside_the_training_loss(tmp_path):
     assert "validation loss" in alone and not any("other" in n for n in alone)
 
 
+MOTION_MSG = ("AutoTrustGO at lr 0.0001 has barely changed the LoRA in 20 steps (mean update/weight ratio 3.5e-06 a "
+              "step, under 1e-05); try a higher LR")
+
+
+def _motion_run(runs_dir, name, optimizer, ratio, steps=30, warn=False):
+    """A run store as the trainer writes it: each step logged, then logged again one step later completed with
+    its update_ratio (the last step has none); the barely_moving event at step 21."""
+    store = RunStore(Path(runs_dir) / name)
+    store.write_config({"optimizer": optimizer, "steps": steps})
+    store.set_meta(status="finished", optimizer=optimizer, signals=["loss"], steps_total=steps, pid=os.getpid())
+    for s in range(1, steps + 1):
+        store.log_step(s, {"loss": 0.2})
+        if s > 1:
+            store.log_step(s - 1, {"loss": 0.2, "update_ratio": ratio * (1 + 0.01 * s)})
+        if warn and s == 21:
+            store.event(s, "barely_moving", {"message": MOTION_MSG, "optimizer": optimizer, "lr": 1e-4,
+                                             "update_ratio": 3.5e-6})
+    return store
+
+
+def test_update_ratio_is_plotted_on_a_log_scale_and_the_warning_is_on_the_status(tmp_path):
+    from emolora.web.panel.app import PanelApp
+
+    _motion_run(tmp_path / "runs", "atg", "AutoTrustGO", 3.5e-6, warn=True).close()
+    _motion_run(tmp_path / "runs", "adamw", "AdamW", 1.1e-3).close()
+    app = PanelApp(tmp_path)
+    atg, adamw = app.run_data("atg"), app.run_data("adamw")
+    chart = plots.charts(atg, adamw)["motion"]
+    assert chart.log_y and chart.key == "motion" and chart.hlines[0][0] == pytest.approx(1e-5)
+    own, other = chart.series
+    assert own.name == "update ratio" and other.name == "adamw (AdamW)"
+    assert [(x, y) for x, y in zip(own.xs, own.ys) if y is not None] == \
+        [(s, pytest.approx(3.5e-6 * (1 + 0.01 * (s + 1)))) for s in range(1, 30)]
+    assert own.ys[-1] is None  # the last step's update is never measured
+    assert min(y for y in other.ys if y) > 1e-3
+    root = ET.fromstring(plots.svg(chart))
+    assert root.get("data-chart") == "motion" and "1e-05" in "".join(root.itertext())  # a decade tick
+    assert "update_ratio" not in plots.more_choices(atg)  # its own chart, not offered again
+    assert atg.status()["barely_moving"] == MOTION_MSG
+    status = app.status_html(atg)
+    assert "id='emolora-barely-moving'>AutoTrustGO at lr 0.0001 has barely changed the LoRA in 20 steps" in status
+    assert "try a higher LR</div>" in status
+    assert adamw.status()["barely_moving"] is None and "emolora-barely-moving" not in app.status_html(adamw)
+    fake_run(tmp_path / "runs", "old", steps=5)  # a run without the ratio: no chart
+    assert plots.charts(app.run_data("old"))["motion"] is None
+
+
+def test_a_row_completed_after_it_was_read_is_read_again(tmp_path):
+    store = RunStore(tmp_path / "r")
+    store.set_meta(status="running", optimizer="AdamW", signals=["loss"], pid=os.getpid())
+    for s in (1, 2):
+        store.log_step(s, {"loss": 0.5})
+    store.log_step(1, {"loss": 0.5, "update_ratio": 1e-3})
+    rd = data.RunData(tmp_path / "r").refresh()
+    assert rd.series("update_ratio")[1] == [1e-3, None]
+    v = rd.version
+    store.log_step(2, {"loss": 0.5, "update_ratio": 2e-3, "emo_scalar": 0.1})  # step 3's read completes step 2
+    rd.refresh()
+    assert rd.version > v and rd.series("update_ratio") == ([1, 2], [1e-3, 2e-3]) and rd.last("emo_scalar") == 0.1
+    v = rd.version
+    store.log_step(3, {"loss": 0.4})
+    rd.refresh()
+    rd.refresh()  # step 3 read twice, unchanged: nothing redrawn the second time
+    assert rd.steps == [1, 2, 3] and rd.series("update_ratio")[1] == [1e-3, 2e-3, None]
+    assert all(len(col) == 3 for col in rd.cols.values())
+    v2 = rd.version
+    rd.refresh()
+    assert rd.version == v2 > v
+    store.close()
+
+
 def test_run_data_reads_incrementally_and_survives_a_resume(tmp_path):
     store = fake_run(tmp_path, "r", steps=10, status="running")
     rd = data.RunData(tmp_path / "r").refresh()

@@ -80,7 +80,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
 
 class Trainer:
     """One run. stop_event: set it to save and stop at the next step boundary. on_step(info): called after
-    every step with the step's telemetry record plus steps_total and run_dir (an exception raised there
+    every step with the step's telemetry record plus steps_total and run_dir, and once barely_moving (the
+    warning's text) at the step that raised it (an exception raised there
     saves the LoRA and the state, marks the run stopped, and propagates). on_setup(phase, done, total): called
     while setting up ("model" around the checkpoint load, "latents"/"text" while caching), so a host can cancel
     before the first step by raising there. progress_bar: tqdm on stderr.
@@ -499,7 +500,8 @@ class Trainer:
             telemetry.update_bar(self._bar, record)
         if self.hooks.on_step is not None:
             try:
-                self.hooks.on_step({**record, "step": step, "steps_total": cfg.steps, "run_dir": str(self.run_dir)})
+                self.hooks.on_step({**record, "step": step, "steps_total": cfg.steps, "run_dir": str(self.run_dir),
+                                    **({"barely_moving": still} if still else {})})  # the warning, once
             except BaseException as e:
                 self.stop_reason = "interrupted"
                 log.warning("step callback raised %r: saving and stopping", e)

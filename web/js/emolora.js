@@ -1,5 +1,6 @@
 // EmoLoRA frontend extension: a live mini chart (loss and emo_scalar) on the trainer node, fed by the
-// "emolora.telemetry" websocket events the trainer sends (throttled to ~4/s), a button that opens the panel, the
+// "emolora.telemetry" websocket events the trainer sends (throttled to ~4/s; a "warning" event's message is
+// written under the chart), a button that opens the panel, the
 // real defaults in the Optimizer and Trainer widgets (emolora_defaults.js) and the panel as a sidebar tab
 // (emolora_sidebar.js).
 import { app } from "../../scripts/app.js";
@@ -80,6 +81,16 @@ function draw(node) {
   ctx.fillStyle = "#bbb";
   const step = n ? s.step[n - 1] : 0;
   ctx.fillText(`${s.status} ${step}/${s.total || "?"}`, Math.max(180, width - 110), 12);
+  if (s.warning) {  // the trainer's "barely changed the LoRA" warning, wrapped at the foot of the chart
+    ctx.fillStyle = "#ff6b6b";
+    const lines = [];
+    for (const word of s.warning.split(" ")) {
+      const last = lines.length ? lines[lines.length - 1] : null;
+      if (last !== null && ctx.measureText(`${last} ${word}`).width <= x1 - x0 - 8) lines[lines.length - 1] += ` ${word}`;
+      else lines.push(word);
+    }
+    lines.forEach((line, i) => ctx.fillText(line, x0 + 4, y1 - 6 - 13 * (lines.length - 1 - i)));
+  }
   state.draws += 1;
   node.setDirtyCanvas?.(true, false);
 }
@@ -105,9 +116,10 @@ function onTelemetry(event) {
   if (!node || !TRAINERS.includes(node.type)) return;
   const s = series(node);
   if (d.status === "starting") {
-    s.step = []; s.loss = []; s.emo = []; s.lora = null;
+    s.step = []; s.loss = []; s.emo = []; s.lora = null; s.warning = null;
   }
-  if (d.status === "sample") { s.samples = (s.samples || 0) + 1; state.samples = (state.samples || 0) + 1; }
+  if (d.status === "warning") { s.warning = d.message || null; state.warning = s.warning; }  // a line, not a status
+  else if (d.status === "sample") { s.samples = (s.samples || 0) + 1; state.samples = (state.samples || 0) + 1; }
   else if (d.status) s.status = d.status;
   if (d.run_dir) state.run = d.run_dir.split(/[\\/]/).filter(Boolean).pop();
   if (d.steps_total) s.total = d.steps_total;

@@ -284,6 +284,8 @@ class PanelApp:
         extra = ""
         if s["error"]:
             extra += f"<div class='emo-warn' id='emolora-stop-message'>{e(str(s['error']))}</div>"
+        if s["barely_moving"]:
+            extra += f"<div class='emo-warn' id='emolora-barely-moving'>{e(s['barely_moving'])}</div>"
         if s["lora_path"] and not self.root.files([s["lora_path"]]):
             extra += (f"<div>LoRA: {e(str(s['lora_path']))} (outside the output folder {e(str(self.root.root))}: "
                       "not offered for download)</div>")
@@ -413,6 +415,8 @@ class PanelApp:
             with gr.Row(elem_classes="emolora-row"):
                 chart["trust"] = gr.HTML(elem_id="emolora-chart-trust", elem_classes="emolora-plot", visible=False)
                 chart["more"] = gr.HTML(elem_id="emolora-chart-more", elem_classes="emolora-plot", visible=False)
+            with gr.Row():
+                chart["motion"] = gr.HTML(elem_id="emolora-chart-motion", elem_classes="emolora-plot", visible=False)
             more_sel = gr.Dropdown(label="More signals", choices=[], value=[], multiselect=True,
                                    elem_id="emolora-more")
             with gr.Row(elem_classes="emolora-row"):

@@ -72,7 +72,12 @@ class RunData:
             self._reset()
             self.events = self.reader.events()
             self._event_id = self.events[-1]["id"] if self.events else 0
-        new = self.reader.steps(since=self.steps[-1] if self.steps else -1)
+        # From the last step seen too: the trainer logs a step's row again one step later, completed with what
+        # the next step's read carried (its update_ratio, the optimizer's device-side signals).
+        new = self.reader.steps(since=self.steps[-1] - 1 if self.steps else -1)
+        if new and self.steps and new[0]["step"] == self.steps[-1]:
+            if self._complete_last(new.pop(0)):
+                self.version += 1
         if new:
             self._append(new)
             self.version += 1
@@ -94,6 +99,19 @@ class RunData:
                 if len(col) < n + i + 1:
                     col.append(None)
         self._fill_emas(n)
+
+    def _complete_last(self, rec: dict) -> bool:
+        """The last row read again: add the values it did not have then. -> whether any was added."""
+        i, added = len(self.steps) - 1, False
+        for k, v in rec.items():
+            if k in ("step", "t"):
+                continue
+            col = self.cols.get(k)
+            if col is None:
+                col = self.cols[k] = [None] * len(self.steps)
+            if col[i] is None and v is not None:
+                col[i], added = v, True
+        return added
 
     def _fill_emas(self, start: int) -> None:
         """Loss EMAs for optimizers that keep none (AdamW, AutoTrustGO, ...), with the trainer's rates."""
@@ -164,6 +182,15 @@ class RunData:
         col = self.cols.get(name) or []
         return next((v for v in reversed(col) if v is not None), None)
 
+    def barely_moving(self):
+        """The trainer's one-time "barely changed the LoRA ... try a higher LR" warning (its barely_moving event),
+        or None."""
+        for e in reversed(self.events):
+            d = e.get("data")
+            if e["kind"] == "barely_moving" and isinstance(d, dict) and isinstance(d.get("message"), str):
+                return d["message"]
+        return None
+
     def stop_message(self):
         """Why the run ended, in the trainer's words: the meta's error or message, else the last stop/error
         event's (a diverged run names the optimizer, the step and what to try); None when there is none."""
@@ -198,6 +225,7 @@ class RunData:
                 "steps_per_s": sps, "eta_s": eta, "mem_mb": mem, "mem_peak_mb": mem_peak,
                 "loss": self.last("loss"), "auto_stop": auto, "should_stop_rises": self.should_stop_rises(),
                 "lora_path": m.get("lora_path"), "error": self.stop_message(), "device": m.get("device"),
+                "barely_moving": self.barely_moving(),
                 "started_at": m.get("started_at")}
 
     def close(self) -> None:

@@ -6,10 +6,13 @@
     lr        the base LR and the effective one (lr x emoDrive, or emoPulse for the EmoSens line)
     shadow    shadow blend ratio and blend events, when use_shadow is on
     trust     AutoTrustGO's confidence mean, mask_ema, flip_ema, threshold and danger
+    motion    how far each update moved the LoRA (update_ratio = |update| / |LoRA|, log scale) beside the
+              "barely moving" threshold, and the compared run's
     more      any other numeric signals chosen in the panel (steps/s, memory, grad_norm, noise_est ...)
 Every chart marks the steps where should_stop rose.
 """
 
+from ...trainer.telemetry import BARELY_MOVING
 from .svgplot import Chart, Series, render
 
 RISE_COLOR = "#b91c1c"
@@ -23,8 +26,8 @@ ZONES = [  # emoDrive (v3.6): accelerate in 0.25 < |s| < 0.5, brake above 0.75
 ]
 TRUST_SIGNALS = ("confidence_mean", "mask_ema", "flip_ema", "thr", "danger_mean", "mask_ratio", "flip_ratio")
 PLOTTED = {"loss", "ema_short", "ema_medium", "ema_long", "eval_loss", "val_loss", "emo_scalar", "emo_scalar_min",
-           "emo_scalar_max", "lr", "effective_lr", "emo_pulse", "shadow_ratio", *TRUST_SIGNALS}
-CHART_KEYS = ("loss", "emo", "lr", "shadow", "trust", "more")
+           "emo_scalar_max", "lr", "effective_lr", "emo_pulse", "shadow_ratio", "update_ratio", *TRUST_SIGNALS}
+CHART_KEYS = ("loss", "emo", "lr", "shadow", "trust", "motion", "more")
 
 
 def _rises(rd) -> list:
@@ -126,6 +129,20 @@ def trust_chart(rd, other=None) -> Chart | None:
     return c
 
 
+def motion_chart(rd, other=None) -> Chart | None:
+    """Per-step update/weight ratio (it spans ~1e-6 .. 1e-2 across optimizers and LRs: log scale); the band under
+    the warning's threshold (which the trainer applies to the mean over the first 5% of the steps)."""
+    if not rd.has("update_ratio"):
+        return None
+    band = (0.0, BARELY_MOVING, "rgba(239,68,68,0.12)", f"barely moving (under {BARELY_MOVING:g} a step)")
+    c = Chart("update/weight ratio per step (|LoRA update| / |LoRA|)", key="motion", log_y=True, bands=[band],
+              hlines=[(BARELY_MOVING, RISE_COLOR)], vlines=_rises(rd))
+    c.series.append(Series("update ratio", *rd.series("update_ratio"), "#0f766e", 1.4))
+    if other is not None and other.has("update_ratio"):
+        c.series.append(Series(_label(other), *other.series("update_ratio"), "#b45309", 1.2, dash="6 3"))
+    return c
+
+
 def more_chart(rd, names) -> Chart | None:
     names = [n for n in (names or []) if n in rd.cols]
     if not names:
@@ -149,7 +166,8 @@ def default_more(rd) -> list:
 def charts(rd, other=None, more=None) -> dict:
     """key -> Chart or None (not drawn for this optimizer)."""
     return {"loss": loss_chart(rd, other), "emo": emo_chart(rd, other), "lr": lr_chart(rd, other),
-            "shadow": shadow_chart(rd, other), "trust": trust_chart(rd, other), "more": more_chart(rd, more)}
+            "shadow": shadow_chart(rd, other), "trust": trust_chart(rd, other), "motion": motion_chart(rd, other),
+            "more": more_chart(rd, more)}
 
 
 def svg(chart: Chart | None) -> str:
