@@ -62,6 +62,7 @@ def summarize(rows: list[dict]) -> list[dict]:
                     "gain_spread": max(gains) - min(gains) if len(gains) > 1 else None,
                     "end": statistics.fmean(r["val_loss_end"] for r in runs),
                     "loss_cv": statistics.fmean(r["optimizer_loss_cv"] or 0.0 for r in runs),
+                    "update_ratio": statistics.fmean(r["update_ratio"] or 0.0 for r in runs),
                     "zones": main_zone(runs[0]["zones"]), "stops": sorted({r["stop_reason"] for r in runs})}
             if v != "raw" and len(runs) == len(seeds):
                 diffs = [by[(v, s)]["val_loss_end"] - by[("raw", s)]["val_loss_end"] for s in seeds]
@@ -84,8 +85,9 @@ def fmt_variant(item: dict | None) -> str:
 
 def table(summary: list[dict]) -> str:
     lines = ["| optimizer (lr) | seeds | val. gain, raw fed (seed spread) | normalized vs raw | withheld vs raw | "
-             "zones: raw / normalized / withheld | CV fed to the optimizer: raw / normalized |",
-             "|---|---:|---|---|---|---|---|"]
+             "zones: raw / normalized / withheld | update/weight ratio: raw / normalized / withheld | "
+             "CV fed to the optimizer: raw / normalized |",
+             "|---|---:|---|---|---|---|---|---|"]
     for e in summary:
         v = e["variants"]
         raw = v.get("raw")
@@ -93,8 +95,10 @@ def table(summary: list[dict]) -> str:
                                                                   if raw["gain_spread"] is not None else ""))
         zones = " / ".join(v[k]["zones"] if k in v else "-" for k in VARIANTS)
         cv = " / ".join(f"{v[k]['loss_cv']:.2f}" if k in v else "-" for k in ("raw", "normalized"))
+        ratio = " / ".join(f"{v[k]['update_ratio']:.1e}" if k in v else "-" for k in VARIANTS)
         lines.append(f"| {e['optimizer']} ({e['lr']:g}) | {len(e['seeds'])} | {gain} | "
-                     f"{fmt_variant(v.get('normalized'))} | {fmt_variant(v.get('withheld'))} | {zones} | {cv} |")
+                     f"{fmt_variant(v.get('normalized'))} | {fmt_variant(v.get('withheld'))} | {zones} | {ratio} | "
+                     f"{cv} |")
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ Module map (what each module owns):
 - atomic.py: the one atomic file writer.
 - distributed.py: several processes in lockstep (torchrun/accelerate): process group, batch shards, the step's
   gradient+loss all-reduce, rank-0-only writes, shared control, lockstep checksum; launch.py: the torchrun command.
-- oft_rules.py: OFT/BOFT block layouts and the settings ComfyUI applies as LyCORIS does (torch-free, for the config).
+- oft_rules.py: OFT/BOFT block layouts and the settings ComfyUI applies as LyCORIS does (torch-free, for the config);
+  divisors.py: the divisor pair LyCORIS factors a dimension by (LoKr, Diag-OFT).
 - model/: loading SDXL checkpoints, the adapters (LoRA/LoHa/LoKr, DoRA, OFT/BOFT), kohya export, the tiny test
   models (random: tiny.py; UNet fine-tuned on the demo photos: pretrained.py); data/: dataset scan, validation
   split, masks, buckets, caches, the demo photos (demo.py).

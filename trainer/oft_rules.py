@@ -10,22 +10,10 @@ input dropout for OFT. So we train only constraint 0, rescale with BOFT only, an
 
 from __future__ import annotations
 
+from .divisors import balanced_pair
+
 OFT_NETWORKS = ("oft", "boft")
 LYCORIS_ALGO = {"oft": "diag-oft", "boft": "boft"}  # LyCORIS's algo names (ss_network_args)
-
-
-def _balanced(dim: int, factor: int) -> tuple[int, int]:
-    """The divisor pair (m <= n) of dim nearest sqrt(dim) whose smaller part is at most factor."""
-    m = 1
-    for d in range(2, dim + 1):
-        if d > factor:
-            break
-        if dim % d:
-            continue
-        m = d
-        if d >= dim // d:
-            break
-    return min(m, dim // m), max(m, dim // m)
 
 
 def oft_layout(out_dim: int, dim: int) -> tuple[int, int]:
@@ -34,7 +22,7 @@ def oft_layout(out_dim: int, dim: int) -> tuple[int, int]:
     otherwise the balanced pair under dim)."""
     if out_dim % dim == 0:
         return min(dim, out_dim // dim), max(dim, out_dim // dim)
-    return _balanced(out_dim, dim)
+    return balanced_pair(out_dim, dim)
 
 
 def boft_layout(out_dim: int, dim: int) -> tuple[int, int] | None:

@@ -10,6 +10,7 @@ import math
 import torch
 from torch import nn
 
+from ...divisors import balanced_pair
 from .base import Adapter
 
 
@@ -18,17 +19,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     divisor pair closest to sqrt(dim) whose smaller part does not exceed factor (factor < 0: no limit)."""
     if factor > 0 and dim % factor == 0 and dim >= factor * factor:
         return min(factor, dim // factor), max(factor, dim // factor)
-    limit = dim if factor < 0 else factor
-    m = 1
-    for d in range(2, dim + 1):
-        if d > limit:
-            break
-        if dim % d:
-            continue
-        m = d
-        if d >= dim // d:
-            break
-    return min(m, dim // m), max(m, dim // m)
+    return balanced_pair(dim, dim if factor < 0 else factor)
 
 
 class LoKrAdapter(Adapter):
