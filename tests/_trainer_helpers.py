@@ -135,3 +135,24 @@ def lora_tensors(path):
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def trained_then_resumed(tmp_path, stop_at: int, **options):
+    """The same run twice: uninterrupted (tmp_path/a), and stopped by an interrupt after step `stop_at`, then
+    resumed from its run folder (tmp_path/b). -> (the uninterrupted TrainResult, the resumed one)."""
+    import pytest
+
+    from trainer.config import resume_config
+    from trainer.runstore import RunReader
+    from trainer.train import train
+
+    ref = train(tiny_config(tmp_path / "a", **options))
+
+    def stop(info):
+        if info["step"] == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path / "b", **options), on_step=stop)
+    run_dir = RunReader.list_runs(tmp_path / "b" / "out")[0]["run_dir"]
+    return ref, train(resume_config(run_dir))

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _lora_helpers import CONFIGS, NET, unet_out
-from _trainer_helpers import make_dataset, tiny_config
+from _trainer_helpers import make_dataset, trained_then_resumed
 from safetensors import safe_open
 from safetensors.torch import save_file
 from test_train_resume import assert_same_lora, losses
@@ -293,21 +293,8 @@ STEADY = dict(steps=4, grad_accum=2, flip_aug=True, cache_text="off", shuffle_ca
 
 @pytest.mark.slow
 def test_boft_stop_at_k_and_resume_is_bit_identical(tmp_path):
-    from trainer.config import resume_config
-    from trainer.runstore import RunReader
-    from trainer.train import train
-
     kw = dict(STEADY, network="boft", rank=6, oft_rescale=True, optimizer="EmoFact", lr=1e-3)
-    ref = train(tiny_config(tmp_path / "a", **kw))
-
-    def stop_at_2(info):
-        if info["step"] == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "b", **kw), on_step=stop_at_2)
-    run_dir = RunReader.list_runs(tmp_path / "b" / "out")[0]["run_dir"]
-    resumed = train(resume_config(run_dir))
+    ref, resumed = trained_then_resumed(tmp_path, 2, **kw)
     assert resumed.steps_done == 4
     assert_same_lora(ref.lora_path, resumed.lora_path)
     assert losses(ref.run_dir) == losses(resumed.run_dir)

@@ -3,15 +3,12 @@ bit-identical (CPU), and the CLI trains a LoKr and continues it from its file (-
 carried on in the metadata."""
 
 import pytest
-from _trainer_helpers import make_dataset, tiny_config
+from _trainer_helpers import make_dataset, trained_then_resumed
 from safetensors import safe_open
 from test_train_resume import RANDOM_EVERYWHERE, assert_same_lora, losses
 
 from trainer.cli import main
-from trainer.config import resume_config
 from trainer.model import tiny_model_path
-from trainer.runstore import RunReader
-from trainer.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,16 +21,7 @@ def _meta_and_keys(path):
 @pytest.mark.slow
 def test_loha_stop_at_k_and_resume_is_bit_identical(tmp_path):
     kw = dict(RANDOM_EVERYWHERE, network="loha", conv_rank=2, tucker=True, optimizer="EmoFact", lr=1e-3)
-    ref = train(tiny_config(tmp_path / "a", **kw))
-
-    def stop_at_3(info):
-        if info["step"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "b", **kw), on_step=stop_at_3)
-    run_dir = RunReader.list_runs(tmp_path / "b" / "out")[0]["run_dir"]
-    resumed = train(resume_config(run_dir))
+    ref, resumed = trained_then_resumed(tmp_path, 3, **kw)
     assert resumed.steps_done == 8
     assert_same_lora(ref.lora_path, resumed.lora_path)
     assert losses(ref.run_dir) == losses(resumed.run_dir)

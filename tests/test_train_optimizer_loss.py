@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from _trainer_helpers import lora_tensors, spy_optimizer_class, tiny_config
+from _trainer_helpers import lora_tensors, spy_optimizer_class, tiny_config, trained_then_resumed
 
 from trainer import telemetry
-from trainer.config import ConfigError, TrainConfig, resume_config
+from trainer.config import ConfigError, TrainConfig
 from trainer.optimizer_loss import BUCKETS, normalized_loss
 from trainer.runstore import RunReader
 from trainer.train import Trainer, train
@@ -132,16 +132,7 @@ def test_withheld_calls_step_without_the_loss_and_normalized_hands_it_over(tmp_p
 @pytest.mark.slow
 def test_normalized_optimizer_loss_resumes_bit_identically(tmp_path):
     opts = dict(steps=8, optimizer="EmoSens", lr=1.0, optimizer_loss="normalized", grad_accum=2)
-    ref = train(tiny_config(tmp_path / "a", **opts))
-
-    def stop_at_3(info):
-        if info["step"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(tmp_path / "b", **opts), on_step=stop_at_3)
-    run_dir = RunReader.list_runs(tmp_path / "b" / "out")[0]["run_dir"]
-    resumed = train(resume_config(run_dir))
+    ref, resumed = trained_then_resumed(tmp_path, 3, **opts)
     a, b = lora_tensors(ref.lora_path), lora_tensors(resumed.lora_path)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fed = [(r["step"], r["optimizer_loss"], r["ema_long"]) for r in steps_of(ref.run_dir)]
