@@ -4,7 +4,7 @@ import re
 
 import torch
 
-from trainer.model import encode_prompts
+from trainer.model import LoRANetwork, encode_prompts, load_sdxl
 
 # every adapter type and option worth proving, as LoRANetwork keyword sets (rank 4, LoCon convs, text encoders)
 CONFIGS = {
@@ -71,3 +71,9 @@ def comfy_key(name: str) -> str:
 
 def rel_err(a, b) -> float:
     return float((a - b).abs().max() / a.abs().max())
+
+
+def make(tiny, **kw):
+    """A fresh tiny model and a LoRANetwork on it: NET's settings with `kw` over them."""
+    model = load_sdxl(tiny)
+    return model, LoRANetwork(model, **{**NET, **kw})

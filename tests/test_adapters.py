@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _lora_helpers import CONFIGS, NET, randomize, unet_out
+from _lora_helpers import CONFIGS, make, randomize, unet_out
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trainer.model import LoRAError, LoRANetwork, kohya_metadata, load_sdxl, save_lora, tiny_model_path
+from trainer.model import LoRAError, kohya_metadata, save_lora, tiny_model_path
 from trainer.model.adapters import ADAPTERS, factorization
 from trainer.model.lora import LoRAWrapper
 
@@ -28,11 +28,6 @@ TE = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model_path()
-
-
-def make(tiny, **kw):
-    model = load_sdxl(tiny)
-    return model, LoRANetwork(model, **{**NET, **kw})
 
 
 def test_factorization_follows_lycoris():

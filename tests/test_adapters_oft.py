@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from _lora_helpers import CONFIGS, NET, unet_out
+from _lora_helpers import CONFIGS, NET, make, unet_out
 from _trainer_helpers import make_dataset, trained_then_resumed
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -31,11 +31,6 @@ SDXL_UNET_WIDTHS = (320, 640, 1280, 2560, 5120, 10240)
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model_path()
-
-
-def make(tiny, **kw):
-    model = load_sdxl(tiny)
-    return model, LoRANetwork(model, **{**NET, **kw})
 
 
 # ---------------------------------------------------------------------------------------------- layouts
