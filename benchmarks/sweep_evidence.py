@@ -9,6 +9,10 @@ Verdict rule (written under the table): "identical" when the LoRAs are bit-ident
 "higher" only when every seed's paired difference has the same sign and their mean exceeds the spread between
 the seeds' differences (max - min); otherwise "no difference".
 
+Runs at other multiples of the preset LR (`--lr-scale 2,4`, in the same or another folder) make a second table, the
+LR control: each (variant, LR) paired per seed against the raw-fed run at the preset LR. It tells a loss that
+helps apart from a loss that only makes the step larger.
+
     python benchmarks/sweep_evidence.py SWEEP_DIR [SWEEP_DIR ...]
 """
 
@@ -46,7 +50,12 @@ def main_zone(zones: dict) -> str:
     return ", ".join(f"{k} {v:.0%}" for v, k in parts[:2]) or "neutral 100%"
 
 
+def at_preset_lr(row: dict) -> bool:
+    return float(row.get("lr_scale") or 1.0) == 1.0
+
+
 def summarize(rows: list[dict]) -> list[dict]:
+    rows = [r for r in rows if at_preset_lr(r)]
     out = []
     for opt in dict.fromkeys(r["optimizer"] for r in rows):
         mine = [r for r in rows if r["optimizer"] == opt]
@@ -71,6 +80,42 @@ def summarize(rows: list[dict]) -> list[dict]:
             entry["variants"][v] = item
         out.append(entry)
     return out
+
+
+def lr_control(rows: list[dict]) -> list[dict]:
+    """Every (optimizer, variant, LR multiple) with runs away from the preset LR, and the preset-LR rows of the
+    same optimizer for reference; each paired per seed against the raw-fed run at the preset LR."""
+    raw1 = {(r["optimizer"], r["seed"]): r for r in rows if at_preset_lr(r) and r["optimizer_loss"] == "raw"}
+    scaled = {r["optimizer"] for r in rows if not at_preset_lr(r)}
+    groups: dict = {}
+    for r in rows:
+        if r["optimizer"] in scaled and (r["optimizer"], r["seed"]) in raw1:
+            key = (r["optimizer"], r["optimizer_loss"], float(r.get("lr_scale") or 1.0))
+            groups.setdefault(key, {})[r["seed"]] = r  # a later folder's run of the same key replaces an earlier
+    out = []
+    for (opt, mode, scale), by_seed in sorted(groups.items()):
+        runs = [by_seed[s] for s in sorted(by_seed)]
+        item = {"optimizer": opt, "optimizer_loss": mode, "lr_scale": scale, "lr": runs[0]["lr"], "n": len(runs),
+                "end": statistics.fmean(r["val_loss_end"] for r in runs),
+                "update_ratio": statistics.fmean(r["update_ratio"] or 0.0 for r in runs),
+                "stops": sorted({r["stop_reason"] for r in runs})}
+        if not (mode == "raw" and scale == 1.0):
+            diffs = [r["val_loss_end"] - raw1[(opt, r["seed"])]["val_loss_end"] for r in runs]
+            item["diff"] = statistics.fmean(diffs)
+            item["verdict"] = verdict(diffs, [r["lora_digest"] == raw1[(opt, r["seed"])]["lora_digest"]
+                                              for r in runs])
+        out.append(item)
+    return out
+
+
+def lr_table(items: list[dict]) -> str:
+    lines = ["| optimizer | optimizer loss | LR (x preset) | seeds | val loss end | vs raw fed at the preset LR | "
+             "update/weight ratio | stop |", "|---|---|---|---:|---:|---|---:|---|"]
+    for e in items:
+        lines.append(f"| {e['optimizer']} | {e['optimizer_loss']} | {e['lr']:g} (x{e['lr_scale']:g}) | {e['n']} | "
+                     f"{e['end']:.4f} | {fmt_variant(e) if 'verdict' in e else '-'} | {e['update_ratio']:.1e} | "
+                     f"{', '.join(e['stops'])} |")
+    return "\n".join(lines)
 
 
 def fmt_variant(item: dict | None) -> str:
@@ -107,8 +152,14 @@ def main(argv=None) -> int:
     p.add_argument("folders", nargs="+", help="sweep folders (each with sweep.json)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     args = p.parse_args(argv)
-    summary = summarize(load_rows(args.folders))
-    print(json.dumps(summary, indent=1) if args.json else table(summary))
+    rows = load_rows(args.folders)
+    summary, control = summarize(rows), lr_control(rows)
+    if args.json:
+        print(json.dumps({"paired": summary, "lr_control": control}, indent=1))
+    else:
+        print(table(summary))
+        if control:
+            print("\nLR control:\n\n" + lr_table(control))
     return 0
 
 
