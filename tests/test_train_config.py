@@ -13,7 +13,7 @@ from trainer.config import (
     load_preset,
     resume_config,
 )
-from trainer.train import lr_factor
+from trainer.schedule import lr_factor
 
 PATHS = {"model": "/m.safetensors", "data": "/d", "output": "/o/x.safetensors"}
 

@@ -349,3 +349,17 @@ class SharedControl:
         local = self.poller.poll() if self.poller is not None else {}
         self.state = self.dist.agree_control(local, self.stop_event.is_set())
         return self.state
+
+
+def open_run(dist: Dist, opener, cfg, rt, report, stop_event):
+    """Rank 0 opens the run folder with opener(cfg, rt, report) -> (store, poller, started_at); the other ranks
+    learn its path and get a NullStore (they write nothing). -> (store, control, the run's first start time)."""
+    if not dist.enabled:
+        return opener(cfg, rt, report)
+    store, poller, started_at = opener(cfg, rt, report) if dist.is_main else (None, None, None)
+    run_dir, started_at = dist.broadcast_object((str(store.run_dir) if store else None, started_at))
+    if dist.is_main:
+        store.set_meta(world_size=dist.world)
+    else:
+        store = NullStore(run_dir)
+    return store, SharedControl(poller, dist, stop_event), started_at

@@ -77,6 +77,18 @@ class MotionCheck:
         self.ratios: list = []
         self.mean: float | None = None
         self.done = False
+        self.prev_norm: float | None = None  # the LoRA's norm at the previous read (the ratio's base)
+
+    def observe(self, step: int, lora_norm: float, update_norm: float, *, updated: bool, params_ok: bool):
+        """A step read: -> the previous update's ratio (its size over the LoRA's norm before it), or None when
+        there was no update to measure or it was rolled back."""
+        ratio = None
+        if params_ok and updated and self.prev_norm:
+            ratio = update_norm / self.prev_norm
+            self.add(step, ratio)
+        if params_ok and math.isfinite(lora_norm):
+            self.prev_norm = lora_norm
+        return ratio
 
     @staticmethod
     def window(steps: int) -> int:

@@ -35,9 +35,12 @@ from .parts import Hooks, LoadedModel, LoopState, RunSetup, Runtime
 from .placement import to_device
 from .rollback import UpdateGuard
 from .runstore import RunStore
+from .schedule import apply_lr_schedule
 from .state import STATE_FILE, restore_trainer_state, rng_state, save_trainer_state, set_rng_state
+from .step_read import read_step
+from .stop_rules import check_step
 
-__all__ = ["TrainResult", "Trainer", "lr_factor", "train"]
+__all__ = ["TrainResult", "Trainer", "train"]
 
 log = logging.getLogger("emolora.train")
 
@@ -65,17 +68,6 @@ def train(config: TrainConfig, *, stop_event: threading.Event | None = None, on_
     finally:
         trainer.close()
         trainer.release()
-
-
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Multiplier of the base LR at optimizer step `step` (0-based): linear warmup, then the schedule."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    if cfg.lr_scheduler in ("constant", "emopulse"):
-        return 1.0
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.lr_scheduler == "cosine" else 1.0 - progress
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
 class Trainer:
@@ -107,8 +99,7 @@ class Trainer:
         self._late = telemetry.LateSignals()  # the previous step's device-side optimizer signals
         self._completed = None  # (step, record) completed by this step's read, logged again by _after_step
         self._draws: list | None = None  # optimizer_loss=normalized: this step's (per-sample losses, timesteps)
-        self._prev_norm: float | None = None  # the LoRA's norm at the previous read (the update ratio's base)
-        self._motion = telemetry.MotionCheck()  # the "barely changed the LoRA" warning
+        self._motion = telemetry.MotionCheck()  # update ratios and the "barely changed the LoRA" warning
         self.saved: list[str] = []
         self.lora_path: str | None = None
         self._closed = False
@@ -139,7 +130,8 @@ class Trainer:
             self.hooks.setup_phase("model", 0, 1)
             loaded = self.load_model(rt)  # a bad checkpoint fails here, before a run folder exists for it
             self.hooks.setup_phase("model", 1, 1)
-            self.store, self.control, started_at = self._open_run(cfg, rt, report)
+            self.store, self.control, started_at = distributed.open_run(self.dist, build.open_run, cfg, rt, report,
+                                                                          self.hooks.stop_event)
             self.run_dir = self.store.run_dir
             try:
                 self.built = self._build_training(rt, loaded, items, val_items, report, started_at)
@@ -163,20 +155,6 @@ class Trainer:
     def build_validation(self, rt: Runtime, loaded: LoadedModel, data, val_items) -> list:
         """The held-out images as fixed batches, text encoded once (the sweep hands in its own)."""
         return build.build_validation(self.cfg, rt, loaded, data, val_items)
-
-    def _open_run(self, cfg, rt: Runtime, report):
-        """Rank 0 opens the run folder; the other ranks learn its path and get a NullStore (they write nothing).
-        -> (store, control, the run's first start time)."""
-        dist = self.dist
-        if not dist.enabled:
-            return build.open_run(cfg, rt, report)
-        store, poller, started_at = build.open_run(cfg, rt, report) if dist.is_main else (None, None, None)
-        run_dir, started_at = dist.broadcast_object((str(store.run_dir) if store else None, started_at))
-        if dist.is_main:
-            store.set_meta(world_size=dist.world)
-        else:
-            store = distributed.NullStore(run_dir)
-        return store, distributed.SharedControl(poller, dist, self.hooks.stop_event), started_at
 
     def build_optimizer(self, params):
         """The optimizer over the LoRA parameters or param groups."""
@@ -302,45 +280,26 @@ class Trainer:
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=run.device)
         if cfg.max_grad_norm > 0 and grads:
             torch.nn.utils.clip_grads_with_norm_(run.params, cfg.max_grad_norm, grad_norm)
-        # The one host read of the step: the optimizer's loss, the gradients' finiteness, the LoRA's norm as
-        # the previous update left it (trainer/rollback.py), the fp16 scale, and the previous step's device-side
-        # optimizer signals (its record is completed here, one step late).
-        # It also carries the size of the previous update (the update/weight ratio) and, for the normalized
-        # optimizer loss, the step's per-sample losses and timesteps.
+        # The step's one host read (trainer/step_read.py); the previous step's record is completed by it.
         guard = self._update_guard()
-        dev = loss_sum.device
         updated = guard.unverified  # an update was made since the last read: its size is measured now
-        synced = [loss_sum / cfg.grad_accum, grad_norm.float().to(dev), guard.probe().to(dev),
-                  guard.update_norm().to(dev)]
-        if scaler is not None:
-            synced.append(scaler._scale.float().reshape(()))  # get_scale() would sync on its own
-        parts = [torch.stack(synced)]
-        n_draws = 0
-        if self._draws is not None:
-            parts += [torch.cat([d[0] for d in self._draws]).float().to(dev),
-                      torch.cat([d[1] for d in self._draws]).float().to(dev)]
-            n_draws = parts[1].numel()
+        got = read_step(loss_sum / cfg.grad_accum, grad_norm, guard.probe(), guard.update_norm(),
+                        scale=scaler._scale if scaler is not None else None,  # get_scale() would sync on its own
+                        draws=self._draws, late=self._late.tensor())
+        if self._draws:
             self._draws.clear()
-        late = self._late.tensor()
-        read = torch.cat(parts + ([late.to(dev)] if late is not None else [])).tolist()
-        loss_value, norm_value, lora_norm, update_norm = read[:4]
-        head = len(synced)
-        scale = read[4:head]
-        draws = read[head:head + 2 * n_draws]
-        params_ok = guard.check(lora_norm, loop)  # False: the previous update was rolled back
-        prev_extra = {} if params_ok else {"rolled_back": True}
-        if params_ok and updated and self._prev_norm:
-            prev_extra["update_ratio"] = update_norm / self._prev_norm  # of the previous step's update
-            self._motion.add(loop.step, prev_extra["update_ratio"])
-        self._prev_norm = lora_norm if params_ok and math.isfinite(lora_norm) else self._prev_norm
-        self._completed = self._late.complete(read[head + 2 * n_draws:], **prev_extra)
+        loss_value, norm_value = got.loss, got.grad_norm
+        params_ok = guard.check(got.lora_norm, loop)  # False: the previous update was rolled back
+        ratio = self._motion.observe(loop.step, got.lora_norm, got.update_norm, updated=updated, params_ok=params_ok)
+        prev_extra = ({} if params_ok else {"rolled_back": True}) | ({} if ratio is None else {"update_ratio": ratio})
+        self._completed = self._late.complete(got.late, **prev_extra)
         finite = params_ok and math.isfinite(loss_value) and math.isfinite(norm_value)
-        self._apply_lr_schedule()
+        apply_lr_schedule(cfg, opt, run.base_lrs, loop.step)
         optimizer_loss = None
         if finite:
             optimizer_loss = loss_value
-            if n_draws:
-                optimizer_loss = normalized_loss(loop.loss_buckets, loss_value, draws[:n_draws], draws[n_draws:],
+            if got.losses:
+                optimizer_loss = normalized_loss(loop.loss_buckets, loss_value, got.losses, got.timesteps,
                                                  cfg.timestep_min, cfg.timestep_max)
             guard.before_update()  # the copy a bad update is rolled back to
             # Not scaler.step(): it would re-check found_inf with a second sync; finiteness is known already.
@@ -364,9 +323,9 @@ class Trainer:
         self._step_times.append(time.perf_counter() - t0)
         pending = telemetry.take_device_signals(opt) if finite else None  # read with the next step's transfer
         record = telemetry.step_record(cfg, run, loop, self._step_times, loss=loss_value, grad_norm=norm_value,
-                                       scale=scale, finite=finite)
-        record.update(lora_norm=lora_norm, rolled_back_total=loop.rolled_back)
-        if n_draws and optimizer_loss is not None:
+                                       scale=got.scale, finite=finite)
+        record.update(lora_norm=got.lora_norm, rolled_back_total=loop.rolled_back)
+        if got.losses and optimizer_loss is not None:
             record["optimizer_loss"] = optimizer_loss
         record["should_stop"] = self._should_stop_flag()
         self._late.hold(loop.step, record, pending)
@@ -427,15 +386,6 @@ class Trainer:
         loop.batch_in_epoch += 1
         return batch
 
-    def _apply_lr_schedule(self) -> None:
-        if self.cfg.lr_scheduler == "constant" and not self.cfg.warmup_steps:
-            return  # leave group['lr'] alone: some optimizers manage it themselves
-        if self.cfg.lr_scheduler == "emopulse":
-            return
-        f = lr_factor(self.cfg, self.loop.step)
-        for group, base in zip(self.built.optimizer.param_groups, self.built.base_lrs):
-            group["lr"] = base * f
-
     def _optimizer_step(self, loss_value: float) -> None:
         """loss_value: what the optimizer is to feel (cfg.optimizer_loss). "withheld": step() without it, exactly
         as the trainers that do not feed the loss call it."""
@@ -465,28 +415,10 @@ class Trainer:
         self.store.log_step(step, record)
         if self._tb is not None:
             telemetry.log_tensorboard(self._tb, step, record)
-        flag = record["should_stop"]
-        mode = self._auto_stop_mode()
-        if flag != loop.should_stop_prev:
-            self.store.event(step, "should_stop", {"value": flag, "auto_stop": mode})
-            if flag:
-                log.info("step %d: the optimizer signals should_stop (auto_stop=%s)", step, mode)
-            loop.should_stop_prev = flag
-        if flag and mode == "stop" and cfg.auto_stop_on == "should_stop" and step < cfg.steps:
-            self.stop_reason = "should_stop"
-        message = self._update_guard().diverged_message(loop)
-        if message is not None and self.stop_reason is None:
-            log.error(message)
-            self.store.event(step, "diverged", {"message": message, "optimizer": cfg.optimizer})
-            self.stop_reason, self.stop_message = "diverged", message
-        still = self._motion.message(cfg)  # once, when the first window's update ratios are all in
-        if still is not None:
-            log.warning(still)
-            self.store.event(step, "barely_moving", {"message": still, "optimizer": cfg.optimizer, "lr": cfg.lr,
-                                                     "update_ratio": self._motion.mean})
-        if loop.consecutive_skips >= cfg.max_consecutive_skips:
-            log.error("%d non-finite steps in a row: stopping", loop.consecutive_skips)
-            self.stop_reason = "nonfinite"
+        self.stop_reason, message, still = check_step(cfg, loop, self.store, record, stop_reason=self.stop_reason,
+                                                      auto_stop=self._auto_stop_mode(), guard=self._update_guard(),
+                                                      motion=self._motion)
+        self.stop_message = message or self.stop_message
         if self.stop_reason is None and step < cfg.steps:
             if cfg.save_every and step % cfg.save_every == 0:
                 self.save_lora(checkpoint.step_path(cfg.output, step))
