@@ -1,4 +1,5 @@
-"""The panel without a browser: charts, run data, path safety, controls, launcher, imports."""
+"""The panel without a browser: charts, run data, controls, launcher, imports (path safety and
+launching: test_panel_security.py)."""
 
 import json
 import os
@@ -18,38 +19,11 @@ from trainer.cli import load_pack  # noqa: E402
 from trainer.runstore import RunStore  # noqa: E402
 
 PACK = load_pack().__name__  # the panel is part of the pack: it imports the trainer relatively
-from emolora.web.panel import auth, data, form, launcher, plots, svgplot  # noqa: E402
-from emolora.web.panel.paths import PanelRoot, PathError, Roots  # noqa: E402
+from _panel_helpers import ATG, fake_run  # noqa: E402
+from emolora.web.panel import data, form, launcher, plots, svgplot  # noqa: E402
+from emolora.web.panel.paths import PanelRoot  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-V36 = ["loss", "ema_short", "ema_medium", "ema_long", "emo_scalar", "early_scalar", "trust", "emo_drive",
-       "effective_lr", "coeff", "shadow_ratio", "shadow_active", "should_stop"]
-ATG = ["lr_scale", "effective_lr", "mask_ema", "flip_ema", "thr", "confidence_mean", "danger_mean", "mask_ratio",
-       "flip_ratio", "should_stop"]
-
-
-def fake_run(runs_dir, name, optimizer="EmoNavi", signals=V36, steps=50, status="finished", use_shadow=False,
-             pid=None, rise_at=None, lora=None):
-    store = RunStore(Path(runs_dir) / name)
-    store.write_config({"optimizer": optimizer, "steps": steps, "auto_stop": "stop",
-                        "optimizer_args": {"use_shadow": use_shadow} if use_shadow else {}})
-    store.set_meta(status=status, optimizer=optimizer, signals=signals, steps_total=steps,
-                   pid=pid if pid is not None else os.getpid(), started_at=time.time(), lora_path=lora)
-    for s in range(1, steps + 1):
-        rec = {"loss": 1.0 / s + 0.1, "lr": 1e-4, "steps_per_s": 5.0, "rss_mb": 400.0, "rss_peak_mb": 410.0,
-               "should_stop": bool(rise_at and s >= rise_at)}
-        if "emo_scalar" in signals:
-            sigma = 0.9 * (-1) ** s / s
-            rec.update(ema_short=1.0 / s, ema_medium=1.1 / s, ema_long=1.2 / s, emo_scalar=sigma, trust=1 - abs(sigma),
-                       emo_drive=1.0, effective_lr=1e-4 * (1 + s % 3), shadow_ratio=0.3 if s % 5 == 0 else 0.0,
-                       shadow_active=s % 5 == 0)
-        if "confidence_mean" in signals:
-            rec.update(confidence_mean=0.5, mask_ema=0.1 * (s % 4), flip_ema=0.2, thr=0.5, danger_mean=0.3,
-                       mask_ratio=0.4, flip_ratio=0.2, lr_scale=1.0, effective_lr=1e-4)
-        store.log_step(s, rec)
-        if rise_at == s:
-            store.event(s, "should_stop", {"value": True, "auto_stop": "mark"})
-    return store
 
 
 # ---- charts ---------------------------------------------------------------------------------------------------
@@ -218,77 +192,6 @@ def test_status_eta_memory_rise_and_killed_runs(tmp_path):
     fake_run(tmp_path, "dead", status="running", pid=2**22 + 12345)
     assert data.RunData(tmp_path / "dead").refresh().status()["status"] == "interrupted"
     assert {r["name"]: r["status"] for r in data.list_runs(tmp_path)}["dead"] == "interrupted"
-
-
-# ---- path safety ------------------------------------------------------------------------------------------------
-def test_traversal_symlinks_and_private_files_are_refused(tmp_path):
-    out = tmp_path / "output"
-    secret = tmp_path / "secret"
-    secret.mkdir()
-    (secret / "key.safetensors").write_bytes(b"secret")
-    (secret / "img.png").write_bytes(b"png")
-    fake_run(secret, "elsewhere")
-    fake_run(out / "runs", "ok", lora=str(secret / "key.safetensors"))
-    (out / "runs" / "ok" / "samples").mkdir()
-    (out / "runs" / "ok" / "samples" / "evil.png").symlink_to(secret / "img.png")
-    (out / "runs" / "linked").symlink_to(secret / "elsewhere")
-    (out / "mine.safetensors").write_bytes(b"lora")
-    (out / "runs" / "escape.safetensors").symlink_to(secret / "key.safetensors")
-    state = out / "runs" / "ok" / "state"
-    state.mkdir()
-    for private in (state / "state.pt", state / "lora.safetensors"):
-        private.write_bytes(b"private")
-    root = PanelRoot(out)
-    assert root.runs_dir == out.resolve() / "runs"
-    assert root.run_dir("ok") == (out / "runs" / "ok").resolve()
-    for bad in ("../secret/elsewhere", "..", ".", "/etc", "ok/../../secret", "linked", "missing", "", None,
-                "ok\x00", "%2e%2e"):
-        with pytest.raises(PathError):
-            root.run_dir(bad)
-    for bad in (secret / "key.safetensors", out / ".." / "secret" / "key.safetensors", "/etc/passwd",
-                out / "runs" / "escape.safetensors", out / "runs" / "ok" / "samples" / "evil.png",
-                state / "state.pt", state / "lora.safetensors", out / "runs" / "ok" / "telemetry.sqlite",
-                out / "runs" / "ok" / "telemetry.sqlite-wal", out / "runs" / "ok" / "telemetry.sqlite-shm"):
-        with pytest.raises(PathError):
-            root.file(bad)
-    with pytest.raises(PathError, match="private"):
-        root.file(state / "state.pt")
-    assert root.file(out / "mine.safetensors") == (out / "mine.safetensors").resolve()
-    from emolora.web.panel.app import PanelApp
-
-    app = PanelApp(out)
-    rd = app.run_data("ok")
-    assert app.lora_files(rd) == [] and app.sample_files(rd) == []
-    assert app.run_data("../secret/elsewhere") is None and app.run_data("linked") is None
-    assert "outside the output folder" in app.status_html(rd)
-    assert app.request_stop("../secret/elsewhere").startswith("⚠")
-    assert app.set_auto_stop("linked", True).startswith("⚠")
-    assert not (secret / "elsewhere" / "control.json").exists()
-
-
-def test_form_paths_are_confined_to_their_roots(tmp_path):
-    models = tmp_path / "models"
-    (models / "sub").mkdir(parents=True)
-    (models / "sub" / "m.safetensors").write_bytes(b"x")
-    (models / "diffusers-model").mkdir()
-    (models / "diffusers-model" / "model_index.json").write_text("{}")
-    (models / ".hidden").mkdir()
-    (models / ".hidden" / "h.safetensors").write_bytes(b"x")
-    (tmp_path / "outside.safetensors").write_bytes(b"x")
-    (models / "link.safetensors").symlink_to(tmp_path / "outside.safetensors")
-    roots = Roots("model", "--model-root", [models])
-    assert roots.resolve("sub/m.safetensors") == (models / "sub" / "m.safetensors").resolve()  # relative: 1st root
-    assert roots.resolve(str(models / "sub" / "m.safetensors")) == (models / "sub" / "m.safetensors").resolve()
-    for bad in ("../outside.safetensors", str(tmp_path / "outside.safetensors"), "link.safetensors", "/etc/passwd",
-                "sub/../../outside.safetensors", "", None):
-        with pytest.raises(PathError):
-            roots.resolve(bad)
-    with pytest.raises(PathError, match="--model-root DIR"):
-        roots.resolve("/etc/passwd")
-    found = roots.scan(lambda p: p.suffix == ".safetensors" and p.is_file()
-                       or p.is_dir() and (p / "model_index.json").is_file())
-    assert found == [str(models.resolve() / "diffusers-model"), str(models.resolve() / "link.safetensors"),
-                     str(models.resolve() / "sub" / "m.safetensors")]  # a link is listed; resolve() refuses it
 
 
 # ---- controls, ticks, launcher ----------------------------------------------------------------------------------
@@ -487,44 +390,6 @@ def test_form_defaults_follow_the_preset_and_the_optimizer(tmp_path):
     assert "caption_dropout=0.05" in shown["note"].replace("`", "")
     shown = dict(zip(app.SHOWN, app.form_defaults(form.NONE, "EmoSens")))
     assert shown["lr"] == 1.0 and shown["network"] == "lora" and shown["steps"] == 1000
-
-
-# ---- launching: loopback, remote, credentials --------------------------------------------------------------------
-def test_launch_refuses_other_interfaces_without_the_flag_or_credentials(capsys, tmp_path, monkeypatch):
-    import emolora.web.panel as panel
-
-    monkeypatch.delenv(auth.ENV, raising=False)
-    before = panel.url()  # an earlier test's loopback panel may still be up in this process
-    with pytest.raises(ValueError, match="allow_remote"):
-        panel.launch("unused", host="0.0.0.0")
-    with pytest.raises(ValueError, match="needs credentials.*--auth USER:PASS.*--auth-file.*EMOLORA_PANEL_AUTH"):
-        panel.launch("unused", host="0.0.0.0", allow_remote=True)
-    assert panel.main(["--host", "192.168.1.5"]) == 2
-    assert "--listen-all" in capsys.readouterr().out
-    assert panel.main(["--listen-all"]) == 2
-    assert "needs credentials" in capsys.readouterr().out and panel.url() == before  # nothing new started
-    args = panel.build_parser().parse_args([])
-    assert args.host is None and args.port == 7861 and not args.listen_all
-    assert args.auth is None and args.model_root is None and args.data_root is None
-    # the CLI's entry
-    r = subprocess.run([sys.executable, "-m", "trainer", "panel", "--host", "0.0.0.0", "--listen-all"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120, env={**os.environ, auth.ENV: ""})
-    assert r.returncode == 2 and "needs credentials" in r.stdout, r.stdout + r.stderr
-
-
-def test_credentials_from_flags_file_and_environment(tmp_path):
-    f = tmp_path / "logins"
-    f.write_text("# the panel's users\nann:pa:ss word\n\nbob:x\n")
-    assert auth.credentials(["me:1"], f, env="env:2") == [("me", "1"), ("ann", "pa:ss word"), ("bob", "x"),
-                                                          ("env", "2")]
-    assert auth.credentials([], None, env="") == []
-    for pairs, file, env, match in ((["nocolon"], None, "", "--auth #1, line 1"), ([":p"], None, "", "user:pass"),
-                                    ([], tmp_path / "none", "", "cannot read"), ([], None, "u:", "EMOLORA_PANEL_AUTH")):
-        with pytest.raises(auth.AuthError, match=match):
-            auth.credentials(pairs, file, env=env)
-    (tmp_path / "empty").write_text("# nothing\n")
-    with pytest.raises(auth.AuthError, match="no user:pass"):
-        auth.credentials([], tmp_path / "empty", env="")
 
 
 # ---- imports: the pack's trainer, relatively -------------------------------------------------------------------
