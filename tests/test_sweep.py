@@ -39,7 +39,8 @@ def standalone(spec, tmp_path):
 # ---- the plan and bad input (no model) -------------------------------------------------------------------------
 def test_parse_optimizer_list():
     assert parse_optimizer_list("all") == list(OPTIMIZER_NAMES)
-    assert parse_optimizer_list("EMO") == list(LOSS_READERS) and "AdamW" not in LOSS_READERS
+    assert parse_optimizer_list("EMO") == [n for n in LOSS_READERS if n.startswith("Emo")]
+    assert "AdamW" not in LOSS_READERS
     assert parse_optimizer_list(" emonavi, AdamW ") == ["EmoNavi", "AdamW"]
     with pytest.raises(ConfigError, match=r"unknown name\(s\) Foo; valid: EmoNavi, .*AdamW"):
         parse_optimizer_list("EmoNavi,Foo")
@@ -62,7 +63,8 @@ def test_importing_the_sweep_loads_no_torch():
 def test_loss_readers_are_the_optimizers_whose_step_reads_the_loss():
     from trainer.optim import OPTIMIZERS
 
-    assert set(LOSS_READERS) == {n for n, cls in OPTIMIZERS.items() if cls.needs_loss}
+    assert set(LOSS_READERS) == {n for n, cls in OPTIMIZERS.items() if cls.reads_loss}
+    assert "RefAdamWminiScheduleFree" in LOSS_READERS and "AutoTrustGO" not in LOSS_READERS
 
 
 def test_plan_lays_out_the_runs(tmp_path):
@@ -189,6 +191,29 @@ def test_sweep_rows_equal_standalone_runs_and_the_control_withholds_the_loss(tmp
         assert_same_lora(row["lora_path"], alone.lora_path)
         assert val_losses(row["run_dir"]) == val_losses(alone.run_dir)
         assert alone.summary["loss_end"] == row["train_loss_end"]
+
+
+def test_refadamw_gets_the_control_and_autotrustgo_does_not(tmp_path):
+    """RefAdamW reads its optional loss: fed, it injects its weights into the momentum between 20% and 80% of the
+    steps; withheld, it never does. AutoTrustGO never reads the loss: no control row."""
+    base = tiny_config(tmp_path, steps=10, validation_split=0.34, validation_every=5)
+    plan = plan_sweep(base, "RefAdamWminiScheduleFree,AutoTrustGO", loss_control=True, steps=10,
+                      output_dir=tmp_path / "sw")
+    rows = {(r["optimizer"], r["optimizer_loss"]): r for r in run_sweep(plan).rows}
+    assert set(rows) == {("RefAdamWminiScheduleFree", "raw"), ("RefAdamWminiScheduleFree", "withheld"),
+                         ("AutoTrustGO", "raw")}
+
+    def ref_alphas(mode):
+        return {s["step"]: s["ref_alpha"] for s in RunReader(rows["RefAdamWminiScheduleFree", mode]["run_dir"]).steps()
+                if "ref_alpha" in s}
+
+    fed, withheld = ref_alphas("raw"), ref_alphas("withheld")
+    assert len(fed) == len(withheld) == 10
+    assert all(fed[step] >= 0.5 for step in range(2, 9)) and fed[1] == fed[9] == fed[10] == 0.0
+    assert set(withheld.values()) == {0.0}
+    assert rows["RefAdamWminiScheduleFree", "withheld"]["identical"] is False
+    assert rows["RefAdamWminiScheduleFree", "raw"]["zones"]["neutral"] == pytest.approx(0.3)
+    assert rows["RefAdamWminiScheduleFree", "withheld"]["zones"] == {"neutral": 1.0}
 
 
 @pytest.mark.slow

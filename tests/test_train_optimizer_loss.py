@@ -47,6 +47,9 @@ def test_zones_follow_each_line_of_the_family():
     recs = [{"emo_scalar": 0.3}, {"emo_scalar": 0.1}, {"emo_scalar": 0.1}, {"emo_scalar": 0.9, "skipped": True}, {}]
     assert zone_shares("EmoNavi", recs) == {"accel": pytest.approx(1 / 3), "neutral": pytest.approx(2 / 3)}
     assert zone_shares("AdamW", recs) == {}
+    ref = [{"ref_alpha": 0.0}, {"ref_alpha": 0.5}, {"ref_alpha": 0.5}, {"ref_alpha": 1.0}]
+    assert zone_shares("RefAdamWminiScheduleFree", ref) == {"inject": 0.5, "inject-jump": 0.25, "neutral": 0.25}
+    assert zone_shares("AutoTrustGO", ref) == {}
 
 
 def test_motion_check_warns_once_at_the_end_of_the_window():

@@ -8,7 +8,10 @@ The zones are where the loss changes the update (../shared/optimizers.md, traine
   update is also scaled by 1 - |s|.
 - v3.9 EmoSens line, emoPulse's noise/distance ratio dNR_hist: grow (tau >= 0.5: may grow up to x1.5 a step),
   reset (|tau| <= 0.5: replaced by 0.8 x the current ratio), hold (tau < -0.5: kept).
-Optimizers without an emotion (AdamW, AutoTrustGO, RefAdamW) have no zones.
+- RefAdamWminiScheduleFree, fed a loss: inject (its mid-run injection at ref_alpha 0.5, between 20% and 80% of the
+  steps, pulls the weights toward 0), inject-jump (ref_alpha 0.6-1.0: the loss jumped by over 1.2x from the
+  previous step), neutral (no injection: always, without a loss).
+AdamW and AutoTrustGO never read the loss: no zones.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 
 V36 = ("EmoNavi", "EmoFact", "EmoLynx")
 V39 = ("EmoSens", "EmoAiry", "EmoCats", "EmoTion", "EmoVoid")
+REFADAMW = "RefAdamWminiScheduleFree"
 
 
 def zone(optimizer: str, sigma: float, tau: float | None = None) -> str | None:
@@ -35,15 +39,22 @@ def zone(optimizer: str, sigma: float, tau: float | None = None) -> str | None:
     return None
 
 
+def ref_zone(ref_alpha: float) -> str:
+    """RefAdamWminiScheduleFree's zone from the step's ref_alpha."""
+    return "inject-jump" if ref_alpha > 0.5 else "inject" if ref_alpha > 0 else "neutral"
+
+
 def zone_shares(optimizer: str, records) -> dict:
-    """{zone: share of the steps} over the records that carry emo_scalar (unskipped steps); {} without zones."""
+    """{zone: share of the steps} over the records that carry the zone's signal (emo_scalar, or RefAdamW's
+    ref_alpha; unskipped steps); {} without zones."""
+    key = "ref_alpha" if optimizer == REFADAMW else "emo_scalar"
     counts: dict = {}
     n = 0
     for r in records:
-        sigma = r.get("emo_scalar")
-        if not isinstance(sigma, (int, float)) or r.get("skipped"):
+        value = r.get(key)
+        if not isinstance(value, (int, float)) or r.get("skipped"):
             continue
-        z = zone(optimizer, sigma, r.get("trust"))
+        z = ref_zone(value) if optimizer == REFADAMW else zone(optimizer, value, r.get("trust"))
         if z is None:
             return {}
         counts[z] = counts.get(z, 0) + 1

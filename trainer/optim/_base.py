@@ -41,7 +41,8 @@ log = logging.getLogger("emolora.optim")
 
 
 class EmoOptimizer(torch.optim.Optimizer):
-    needs_loss = True  # False where the loss never enters the update (AutoTrustGO)
+    needs_loss = True  # False where step() without a loss is normal use (no warning): AutoTrustGO, RefAdamW
+    reads_loss = True  # False where the loss never enters the update (AutoTrustGO); RefAdamW's optional loss does
     writer_tags: dict = {}  # upstream TensorBoard tag -> telemetry key
 
     def __init__(self, params, defaults, *, foreach=None, state_dtype=None, writer=None):

@@ -101,6 +101,7 @@ def trust_rule(p, g, st, lr, T, beta, eps, cap, thr, mask_ema, flip_ema, acc, co
 
 class AutoTrustGO(EmoOptimizer):
     needs_loss = False
+    reads_loss = False
 
     def __init__(self, params, lr=1e-3, trust_level=0.4, eps=1e-8, **kw):
         super().__init__(params, dict(lr=lr), **kw)

@@ -106,7 +106,7 @@ def _scaled(tensors, scales, groups):
 
 
 class RefAdamWminiScheduleFree(EmoOptimizer):
-    needs_loss = False
+    needs_loss = False  # optional: without a loss there is no divergence check and no injection (§13e)
     factory_kwargs = {"bounded_injection": True}  # what create_optimizer (the trainer, nodes, panel) adds
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, min_lr=1e-6,

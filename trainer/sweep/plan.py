@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..config import OPTIMIZER_NAMES, ConfigError, TrainConfig, load_preset, optimizer_preset_name
 
-# The optimizers whose update reads the loss: the Emo family (RefAdamW and AutoTrustGO take step(loss=) but never
-# use it; AdamW has no such argument). Checked against the classes' needs_loss by a test.
-LOSS_READERS = tuple(n for n in OPTIMIZER_NAMES if n.startswith("Emo"))
-EMO = LOSS_READERS
+# The optimizers whose update reads the loss: the Emo family, and RefAdamW, whose optional loss drives its
+# divergence check and its mid-run injection (AutoTrustGO takes step(loss=) but never uses it; AdamW has no such
+# argument). Checked against the classes' reads_loss by a test.
+EMO = tuple(n for n in OPTIMIZER_NAMES if n.startswith("Emo"))
+LOSS_READERS = EMO + ("RefAdamWminiScheduleFree",)
 LOSS_MODES = ("raw", "normalized")
 PER_RUN = ("optimizer", "lr", "steps", "seed", "optimizer_loss", "output", "run_name", "runs_dir", "resume")
 DEFAULT_HOLDOUT = 0.2  # the validation share when neither validation_split nor validation_data is given
@@ -134,8 +135,9 @@ def plan_sweep(base_cfg: TrainConfig, optimizers, *, seeds: int = 1, loss_contro
         raise ConfigError(f"lr must be > 0, got {lr}")
     readers = [n for n in names if n in LOSS_READERS]
     if loss_control and not readers:
-        raise ConfigError(f"loss_control needs an optimizer whose update reads the loss (an Emo optimizer); "
-                          f"{', '.join(names)} never read it, so there is nothing to withhold")
+        raise ConfigError("loss_control needs an optimizer whose update reads the loss (an Emo optimizer or "
+                          f"RefAdamWminiScheduleFree); {', '.join(names)} never read it, so there is nothing to "
+                          "withhold")
     notes = []
     base = base_cfg
     if not base.has_validation:
