@@ -11,7 +11,8 @@ the seeds' differences (max - min); otherwise "no difference".
 
 Runs at other multiples of the preset LR (`--lr-scale 2,4`, in the same or another folder) make a second table, the
 LR control: each (variant, LR) paired per seed against the raw-fed run at the preset LR. It tells a loss that
-helps apart from a loss that only makes the step larger.
+helps apart from a loss that only makes the step larger. A third table sets each variant at its own best LR
+(lowest mean final validation loss over the LRs run) against raw fed at its best, paired per seed.
 
     python benchmarks/sweep_evidence.py SWEEP_DIR [SWEEP_DIR ...]
 """
@@ -108,6 +109,53 @@ def lr_control(rows: list[dict]) -> list[dict]:
     return out
 
 
+def best_lr(rows: list[dict]) -> list[dict]:
+    """Per optimizer with scaled runs: each variant at the LR multiple where its mean final validation loss is
+    lowest, and every variant's best against raw fed at its best, paired per seed (the seeds both have). Only
+    LRs with two or more seeds count; a variant run at one LR has no best and is left out."""
+    groups: dict = {}
+    for r in rows:
+        key = (r["optimizer"], r["optimizer_loss"], float(r.get("lr_scale") or 1.0))
+        groups.setdefault(key, {})[r["seed"]] = r
+    scaled = {opt for opt, _, scale in groups if scale != 1.0}
+    out = []
+    for opt in sorted(scaled):
+        best = {}
+        for (o, mode, scale), by_seed in groups.items():
+            if o != opt or len(by_seed) < 2:
+                continue
+            end = statistics.fmean(r["val_loss_end"] for r in by_seed.values())
+            if mode not in best or end < best[mode][1]:
+                best[mode] = (scale, end, by_seed)
+        if "raw" not in best:
+            continue
+        raw_scale, raw_end, raw_runs = best["raw"]
+        for mode in VARIANTS:
+            if mode not in best:
+                continue
+            scale, end, runs = best[mode]
+            scales_run = sorted(sc for (o, m, sc) in groups if o == opt and m == mode and len(groups[o, m, sc]) > 1)
+            if len(scales_run) < 2:
+                continue  # run at one LR only: no best to pick
+            item = {"optimizer": opt, "optimizer_loss": mode, "lr_scale": scale, "end": end, "scales_run": scales_run}
+            if mode != "raw":
+                seeds = sorted(set(runs) & set(raw_runs))
+                diffs = [runs[sd]["val_loss_end"] - raw_runs[sd]["val_loss_end"] for sd in seeds]
+                item.update(raw_scale=raw_scale, diff=statistics.fmean(diffs), verdict=verdict(diffs, []))
+            out.append(item)
+    return out
+
+
+def best_table(items: list[dict]) -> str:
+    lines = ["| optimizer | optimizer loss | LR multiples run | best | val loss end at the best | "
+             "vs raw fed at its best |", "|---|---|---|---|---:|---|"]
+    for e in items:
+        vs = "-" if "verdict" not in e else f"{fmt_variant(e)} (raw at x{e['raw_scale']:g})"
+        lines.append(f"| {e['optimizer']} | {e['optimizer_loss']} | {', '.join(f'x{sc:g}' for sc in e['scales_run'])} "
+                     f"| x{e['lr_scale']:g} | {e['end']:.4f} | {vs} |")
+    return "\n".join(lines)
+
+
 def lr_table(items: list[dict]) -> str:
     lines = ["| optimizer | optimizer loss | LR (x preset) | seeds | val loss end | vs raw fed at the preset LR | "
              "update/weight ratio | stop |", "|---|---|---|---:|---:|---|---:|---|"]
@@ -153,13 +201,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     args = p.parse_args(argv)
     rows = load_rows(args.folders)
-    summary, control = summarize(rows), lr_control(rows)
+    summary, control, best = summarize(rows), lr_control(rows), best_lr(rows)
     if args.json:
-        print(json.dumps({"paired": summary, "lr_control": control}, indent=1))
+        print(json.dumps({"paired": summary, "lr_control": control, "best_lr": best}, indent=1))
     else:
         print(table(summary))
         if control:
             print("\nLR control:\n\n" + lr_table(control))
+            print("\nEach at its best LR:\n\n" + best_table(best))
     return 0
 
 

@@ -56,3 +56,20 @@ def test_lr_control_pairs_each_lr_against_raw_at_the_preset(tmp_path):
     assert by[("withheld", 2.0)]["lr"] == 2.0
     text = ev.lr_table(items)
     assert "| EmoSens | withheld | 2 (x2) | 2 | 0.1425 | -0.0025 (lower) |" in text
+
+
+def test_best_lr_sets_each_variant_at_its_own_best_lr():
+    rows = []
+    ends = {("raw", 1.0): (0.140, 0.150), ("raw", 2.0): (0.138, 0.149), ("withheld", 1.0): (0.142, 0.152),
+            ("withheld", 2.0): (0.139, 0.151), ("withheld", 4.0): (0.1375, 0.1485), ("normalized", 1.0): (0.1, 0.1)}
+    for (mode, scale), (e42, e43) in ends.items():
+        rows += [row("EmoNavi", mode, 42, e42, scale=scale), row("EmoNavi", mode, 43, e43, scale=scale)]
+    rows.append(row("EmoNavi", "withheld", 42, 0.01, scale=8.0))  # one seed: not a candidate
+    best = {e["optimizer_loss"]: e for e in ev.best_lr(rows + [row("AdamW", "raw", 42, 0.1)])}
+    assert set(best) == {"raw", "withheld"}  # normalized ran at one LR only; AdamW at its preset only
+    assert best["raw"]["lr_scale"] == 2.0 and best["withheld"]["lr_scale"] == 4.0
+    assert best["withheld"]["scales_run"] == [1.0, 2.0, 4.0]
+    assert abs(best["withheld"]["diff"] + 0.0005) < 1e-12  # (-0.0005, -0.0005) against raw at x2
+    assert best["withheld"]["verdict"] == "lower"
+    assert "| EmoNavi | withheld | x1, x2, x4 | x4 | 0.1430 | -0.0005 (lower) (raw at x2) |" in ev.best_table(
+        list(best.values()))
