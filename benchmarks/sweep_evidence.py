@@ -15,6 +15,9 @@ helps apart from a loss that only makes the step larger. A third table sets each
 (lowest mean final validation loss over the LRs run) against raw fed at its best, paired per seed.
 
     python benchmarks/sweep_evidence.py SWEEP_DIR [SWEEP_DIR ...]
+    python benchmarks/sweep_evidence.py docs/evidence/*.json   # the published rows
+
+--export DIR writes each sweep's rows (without its plan) to DIR/<folder name>.json, as docs/evidence/ holds them.
 """
 
 import argparse
@@ -25,10 +28,12 @@ from pathlib import Path
 VARIANTS = ("raw", "normalized", "withheld")
 
 
-def load_rows(folders) -> list[dict]:
+def load_rows(sources) -> list[dict]:
+    """The rows of sweep folders (their sweep.json) or of sweep.json-shaped files (docs/evidence/*.json)."""
     rows = []
-    for folder in folders:
-        doc = json.loads((Path(folder) / "sweep.json").read_text())
+    for source in sources:
+        path = Path(source)
+        doc = json.loads((path / "sweep.json" if path.is_dir() else path).read_text())
         rows += [r for r in doc["rows"] if r.get("stop_reason") not in ("failed", None)]
     return rows
 
@@ -199,7 +204,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="+", help="sweep folders (each with sweep.json)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    p.add_argument("--export", metavar="DIR", help="write each sweep's rows to DIR/<sweep folder name>.json")
     args = p.parse_args(argv)
+    if args.export:
+        for folder in args.folders:
+            doc = json.loads((Path(folder) / "sweep.json").read_text())
+            out = Path(args.export) / f"{Path(folder).resolve().name}.json"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({k: doc[k] for k in ("recommendation", "rows", "status")}, indent=0) + "\n")
+        return 0
     rows = load_rows(args.folders)
     summary, control, best = summarize(rows), lr_control(rows), best_lr(rows)
     if args.json:
