@@ -51,7 +51,10 @@ def verdict(diffs: list[float], identical: list) -> str:
 
 
 def main_zone(zones: dict) -> str:
-    """The zones other than the neutral one, largest first (the neutral share is 1 minus their sum)."""
+    """The zones other than the neutral one, largest first (the neutral share is 1 minus their sum); "-" for an
+    optimizer without zones (AdamW, AutoTrustGO)."""
+    if not zones:
+        return "-"
     parts = sorted(((v, k) for k, v in (zones or {}).items() if k != "neutral" and v), reverse=True)
     return ", ".join(f"{k} {v:.0%}" for v, k in parts[:2]) or "neutral 100%"
 

@@ -73,3 +73,15 @@ def test_best_lr_sets_each_variant_at_its_own_best_lr():
     assert best["withheld"]["verdict"] == "lower"
     assert "| EmoNavi | withheld | x1, x2, x4 | x4 | 0.1430 | -0.0005 (lower) (raw at x2) |" in ev.best_table(
         list(best.values()))
+
+
+def test_the_published_tables_are_the_scripts_output_on_the_published_rows(capsys):
+    """docs/evidence.md's tables cannot drift from the runs: they are what this script prints for the rows in
+    docs/evidence/ (each sweep's sweep.json as measured, less its plan)."""
+    root = BENCH.parent.parent
+    files = sorted((root / "docs" / "evidence").glob("sweep-*.json"))
+    assert len(files) >= 3
+    assert ev.main([str(f) for f in files]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ")]
+    page = (root / "docs" / "evidence.md").read_text()
+    assert len(lines) > 20 and [ln for ln in lines if ln not in page] == []
