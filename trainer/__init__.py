@@ -4,7 +4,8 @@ Module map (what each module owns):
 - config.py: TrainConfig, presets and the merge of presets, config files and flags; cli.py: the commands.
 - parts.py: the run's explicit parts (Runtime, LoadedModel, RunSetup, LoopState, Hooks).
 - build.py: making the parts (scan, device/precision, model, run folder, network, data and caches, optimizer).
-- train.py: Trainer, the loop: micro-batches, the step's host read, the optimizer step, stop rules, saves.
+- train.py: Trainer, the loop: micro-batches, the optimizer step, saves; step_read.py: the step's one host read;
+  stop_rules.py: what may end a run or warn after a step; schedule.py: the LR schedule.
 - losses.py: the training loss of a batch, the fixed-noise evaluation and validation losses.
 - rollback.py: the finiteness probe of the LoRA (and the size of its last update) and the rollback of a
   non-finite update.
