@@ -21,10 +21,15 @@ import math
 V36 = ("EmoNavi", "EmoFact", "EmoLynx")
 V39 = ("EmoSens", "EmoAiry", "EmoCats", "EmoTion", "EmoVoid")
 REFADAMW = "RefAdamWminiScheduleFree"
+SIGNAL = {REFADAMW: "ref_alpha"}  # the record field a zone is read from; the Emo family's: emo_scalar
 
 
-def zone(optimizer: str, sigma: float, tau: float | None = None) -> str | None:
-    s = abs(sigma)
+def zone(optimizer: str, value: float, tau: float | None = None) -> str | None:
+    """The step's zone from its signal `value` (emo_scalar sigma; RefAdamW's ref_alpha) and trust tau; None for
+    an optimizer without zones."""
+    if optimizer == REFADAMW:
+        return "inject-jump" if value > 0.5 else "inject" if value > 0 else "neutral"
+    s = abs(value)
     if optimizer in V36:
         return "accel" if 0.25 < s < 0.5 else "brake" if s > 0.75 else "neutral"
     if optimizer == "EmoZeal":
@@ -34,27 +39,22 @@ def zone(optimizer: str, sigma: float, tau: float | None = None) -> str | None:
     if optimizer == "EmoClan":
         return "lynx" if s > 0.6 else "fact" if s > 0.3 else "navi"
     if optimizer in V39:
-        t = math.copysign(1.0 - s, sigma) if tau is None else tau
+        t = math.copysign(1.0 - s, value) if tau is None else tau
         return "grow" if t >= 0.5 else "hold" if t < -0.5 else "reset"
     return None
 
 
-def ref_zone(ref_alpha: float) -> str:
-    """RefAdamWminiScheduleFree's zone from the step's ref_alpha."""
-    return "inject-jump" if ref_alpha > 0.5 else "inject" if ref_alpha > 0 else "neutral"
-
-
 def zone_shares(optimizer: str, records) -> dict:
-    """{zone: share of the steps} over the records that carry the zone's signal (emo_scalar, or RefAdamW's
-    ref_alpha; unskipped steps); {} without zones."""
-    key = "ref_alpha" if optimizer == REFADAMW else "emo_scalar"
+    """{zone: share of the steps} over the unskipped records that carry the optimizer's zone signal; {} without
+    zones."""
+    key = SIGNAL.get(optimizer, "emo_scalar")
     counts: dict = {}
     n = 0
     for r in records:
         value = r.get(key)
         if not isinstance(value, (int, float)) or r.get("skipped"):
             continue
-        z = ref_zone(value) if optimizer == REFADAMW else zone(optimizer, value, r.get("trust"))
+        z = zone(optimizer, value, r.get("trust"))
         if z is None:
             return {}
         counts[z] = counts.get(z, 0) + 1
