@@ -59,8 +59,25 @@ def main_zone(zones: dict) -> str:
     return ", ".join(f"{k} {v:.0%}" for v, k in parts[:2]) or "neutral 100%"
 
 
+def lr_scale(row: dict) -> float:
+    return float(row.get("lr_scale") or 1.0)
+
+
 def at_preset_lr(row: dict) -> bool:
-    return float(row.get("lr_scale") or 1.0) == 1.0
+    return lr_scale(row) == 1.0
+
+
+def group_runs(rows: list[dict]) -> dict:
+    """{(optimizer, optimizer loss, LR multiple): {seed: row}}; a later folder's run of the same key replaces an
+    earlier one."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["optimizer"], r["optimizer_loss"], lr_scale(r)), {})[r["seed"]] = r
+    return groups
+
+
+def mean_end(runs) -> float:
+    return statistics.fmean(r["val_loss_end"] for r in runs)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -92,27 +109,23 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def lr_control(rows: list[dict]) -> list[dict]:
-    """Every (optimizer, variant, LR multiple) with runs away from the preset LR, and the preset-LR rows of the
-    same optimizer for reference; each paired per seed against the raw-fed run at the preset LR."""
-    raw1 = {(r["optimizer"], r["seed"]): r for r in rows if at_preset_lr(r) and r["optimizer_loss"] == "raw"}
-    scaled = {r["optimizer"] for r in rows if not at_preset_lr(r)}
-    groups: dict = {}
-    for r in rows:
-        if r["optimizer"] in scaled and (r["optimizer"], r["seed"]) in raw1:
-            key = (r["optimizer"], r["optimizer_loss"], float(r.get("lr_scale") or 1.0))
-            groups.setdefault(key, {})[r["seed"]] = r  # a later folder's run of the same key replaces an earlier
+    """Every (optimizer, variant, LR multiple) of the optimizers run away from their preset LR, each paired per
+    seed against the raw-fed run at the preset LR."""
+    groups = group_runs(rows)
+    scaled = {opt for opt, _, scale in groups if scale != 1.0}
     out = []
     for (opt, mode, scale), by_seed in sorted(groups.items()):
-        runs = [by_seed[s] for s in sorted(by_seed)]
+        raw1 = groups.get((opt, "raw", 1.0), {})
+        runs = [by_seed[s] for s in sorted(by_seed) if s in raw1]
+        if opt not in scaled or not runs:
+            continue
         item = {"optimizer": opt, "optimizer_loss": mode, "lr_scale": scale, "lr": runs[0]["lr"], "n": len(runs),
-                "end": statistics.fmean(r["val_loss_end"] for r in runs),
-                "update_ratio": statistics.fmean(r["update_ratio"] or 0.0 for r in runs),
+                "end": mean_end(runs), "update_ratio": statistics.fmean(r["update_ratio"] or 0.0 for r in runs),
                 "stops": sorted({r["stop_reason"] for r in runs})}
         if not (mode == "raw" and scale == 1.0):
-            diffs = [r["val_loss_end"] - raw1[(opt, r["seed"])]["val_loss_end"] for r in runs]
+            diffs = [r["val_loss_end"] - raw1[r["seed"]]["val_loss_end"] for r in runs]
             item["diff"] = statistics.fmean(diffs)
-            item["verdict"] = verdict(diffs, [r["lora_digest"] == raw1[(opt, r["seed"])]["lora_digest"]
-                                              for r in runs])
+            item["verdict"] = verdict(diffs, [r["lora_digest"] == raw1[r["seed"]]["lora_digest"] for r in runs])
         out.append(item)
     return out
 
@@ -121,31 +134,22 @@ def best_lr(rows: list[dict]) -> list[dict]:
     """Per optimizer with scaled runs: each variant at the LR multiple where its mean final validation loss is
     lowest, and every variant's best against raw fed at its best, paired per seed (the seeds both have). Only
     LRs with two or more seeds count; a variant run at one LR has no best and is left out."""
-    groups: dict = {}
-    for r in rows:
-        key = (r["optimizer"], r["optimizer_loss"], float(r.get("lr_scale") or 1.0))
-        groups.setdefault(key, {})[r["seed"]] = r
-    scaled = {opt for opt, _, scale in groups if scale != 1.0}
+    groups = {key: by_seed for key, by_seed in group_runs(rows).items() if len(by_seed) > 1}
     out = []
-    for opt in sorted(scaled):
-        best = {}
-        for (o, mode, scale), by_seed in groups.items():
-            if o != opt or len(by_seed) < 2:
-                continue
-            end = statistics.fmean(r["val_loss_end"] for r in by_seed.values())
-            if mode not in best or end < best[mode][1]:
-                best[mode] = (scale, end, by_seed)
+    for opt in sorted({o for o, _, scale in groups if scale != 1.0}):
+        best = {}  # mode -> (its best LR multiple, the multiples run)
+        for mode in VARIANTS:
+            scales = sorted(sc for o, m, sc in groups if (o, m) == (opt, mode))
+            if len(scales) > 1:
+                best[mode] = (min(scales, key=lambda sc: mean_end(groups[opt, mode, sc].values())), scales)
         if "raw" not in best:
             continue
-        raw_scale, raw_end, raw_runs = best["raw"]
-        for mode in VARIANTS:
-            if mode not in best:
-                continue
-            scale, end, runs = best[mode]
-            scales_run = sorted(sc for (o, m, sc) in groups if o == opt and m == mode and len(groups[o, m, sc]) > 1)
-            if len(scales_run) < 2:
-                continue  # run at one LR only: no best to pick
-            item = {"optimizer": opt, "optimizer_loss": mode, "lr_scale": scale, "end": end, "scales_run": scales_run}
+        raw_scale = best["raw"][0]
+        raw_runs = groups[opt, "raw", raw_scale]
+        for mode, (scale, scales) in best.items():
+            runs = groups[opt, mode, scale]
+            item = {"optimizer": opt, "optimizer_loss": mode, "lr_scale": scale, "end": mean_end(runs.values()),
+                    "scales_run": scales}
             if mode != "raw":
                 seeds = sorted(set(runs) & set(raw_runs))
                 diffs = [runs[sd]["val_loss_end"] - raw_runs[sd]["val_loss_end"] for sd in seeds]
