@@ -347,15 +347,13 @@ def result_text(out: dict, preset_line: str = "") -> str:
 
 
 def barely_moving_message(run_dir) -> str:
-    """The run's "barely changed the LoRA" warning (its store's barely_moving event, also when a torchrun child or
-    an earlier part of a resumed run raised it), or ""."""
-    from ..trainer.runstore import RunReader
+    """The run's "barely changed the LoRA" warning (also when a torchrun child or an earlier part of a resumed run
+    raised it), or ""."""
+    from ..trainer import runstore
 
-    reader = RunReader(run_dir)
+    reader = runstore.RunReader(run_dir)
     try:
-        events = reader.events(kind="barely_moving")
+        return runstore.barely_moving_message(reader.events(kind="barely_moving")) or ""
     finally:
         reader.close()
-    data = events[-1].get("data") if events else None
-    return str(data.get("message") or "") if isinstance(data, dict) else ""
 

@@ -159,6 +159,16 @@ class RunStore:
                 self._db.close()
 
 
+def barely_moving_message(events) -> str | None:
+    """The trainer's one-time "barely changed the LoRA ... try a higher LR" warning among a run's events (its
+    barely_moving event), or None."""
+    for e in reversed(events):
+        d = e.get("data")
+        if e["kind"] == "barely_moving" and isinstance(d, dict) and isinstance(d.get("message"), str):
+            return d["message"]
+    return None
+
+
 class RunReader:
     """Read a run while it trains (another thread or process) or after. Each call is one short transaction."""
 

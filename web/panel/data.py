@@ -182,15 +182,6 @@ class RunData:
         col = self.cols.get(name) or []
         return next((v for v in reversed(col) if v is not None), None)
 
-    def barely_moving(self):
-        """The trainer's one-time "barely changed the LoRA ... try a higher LR" warning (its barely_moving event),
-        or None."""
-        for e in reversed(self.events):
-            d = e.get("data")
-            if e["kind"] == "barely_moving" and isinstance(d, dict) and isinstance(d.get("message"), str):
-                return d["message"]
-        return None
-
     def stop_message(self):
         """Why the run ended, in the trainer's words: the meta's error or message, else the last stop/error
         event's (a diverged run names the optimizer, the step and what to try); None when there is none."""
@@ -225,7 +216,7 @@ class RunData:
                 "steps_per_s": sps, "eta_s": eta, "mem_mb": mem, "mem_peak_mb": mem_peak,
                 "loss": self.last("loss"), "auto_stop": auto, "should_stop_rises": self.should_stop_rises(),
                 "lora_path": m.get("lora_path"), "error": self.stop_message(), "device": m.get("device"),
-                "barely_moving": self.barely_moving(),
+                "barely_moving": runstore.barely_moving_message(self.events),
                 "started_at": m.get("started_at")}
 
     def close(self) -> None:
